@@ -1,0 +1,133 @@
+"""Reading the distributed split CSVs (IXI, BraTS21, MSLUB) into MONAI data lists.
+
+The split CSVs list t1 paths relative to the data root (despite their leading ``/``), e.g.
+``/Train/ixi/t1/IXI076-Guys-0753_t1.nii.gz``; mode ``t2`` rewrites the ``t1`` folder and file suffix
+(and BraTS ``FLAIR.nii.gz``) to ``t2``, and drops IXI rows whose T2 file is not in ``avail_t2.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+from monai.data import PersistentDataset
+from monai.transforms import Compose
+
+from custom_components import transforms as T
+
+SPLITS_DIR = "splits"
+AVAIL_T2 = "avail_t2.csv"
+MODES = ("t1", "t2")
+
+
+class DataError(ValueError):
+    """A data root, split file or volume that cannot be used, with a message naming what and where."""
+
+
+def _rewrite_mode(path: str, mode: str) -> str:
+    """Point a distributed t1 path at the ``mode`` volume: the ``t1`` folder and the ``_t1``/FLAIR suffix."""
+    if mode == "t1":
+        return path
+    path = re.sub(r"(^|/)t1(/)", rf"\g<1>{mode}\g<2>", path)
+    return re.sub(r"(_t1|_?FLAIR)(\.nii(\.gz)?)$", rf"_{mode}\g<2>", path)
+
+
+def _resolve(data_root: Path, path) -> str | None:
+    """An absolute path under ``data_root`` for a CSV path; None for an empty cell."""
+    if not isinstance(path, str) or not path.strip():
+        return None
+    return str(data_root / path.strip().lstrip("/"))
+
+
+def _available_t2(splits_dir: Path) -> set[str]:
+    avail = splits_dir / AVAIL_T2
+    if not avail.is_file():
+        raise DataError(f"Mode 't2' needs {avail} (the list of IXI subjects with a T2 volume); it does not exist.")
+    return set(pd.read_csv(avail, index_col=0).iloc[:, 0].astype(str).map(lambda s: Path(s).name))
+
+
+def _missing_files_error(csv_path: Path, missing: list[str]) -> DataError:
+    shown = "\n  ".join(missing[:20])
+    more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return DataError(f"{len(missing)} file(s) listed in {csv_path} are missing:\n  {shown}{more}")
+
+
+def read_split(csv_path, data_root, mode: str = "t2", check_files: bool = True) -> list[dict]:
+    """Read one distributed split CSV into a list of dicts with ``image``, ``mask``, ``seg`` (None for
+    healthy rows), ``name``, ``age`` and ``label``; paths absolute under ``data_root``.
+
+    Raises one :class:`DataError` listing every missing file (the first 20 and a count).
+    """
+    if mode not in MODES:
+        raise DataError(f"mode must be one of {MODES}, got {mode!r}.")
+    csv_path, data_root = Path(csv_path), Path(data_root)
+    if not csv_path.is_file():
+        raise DataError(f"Split file {csv_path} does not exist.")
+    table = pd.read_csv(csv_path, index_col=0)
+    missing_columns = {"img_name", "label", "img_path", "mask_path"} - set(table.columns)
+    if missing_columns:
+        raise DataError(f"{csv_path} lacks the column(s) {sorted(missing_columns)}; found {list(table.columns)}.")
+    if mode == "t2" and table["img_path"].astype(str).str.contains("/ixi/", case=False).any():
+        available = _available_t2(csv_path.parent)
+        rewritten = table["img_path"].astype(str).map(lambda p: Path(_rewrite_mode(p, mode)).name)
+        is_ixi = table["img_path"].astype(str).str.contains("/ixi/", case=False)
+        table = table[~is_ixi | rewritten.isin(available)]
+
+    items = []
+    for row in table.itertuples(index=False):
+        age = getattr(row, "age", None)
+        items.append({
+            "image": _resolve(data_root, _rewrite_mode(str(row.img_path), mode)),
+            "mask": _resolve(data_root, row.mask_path),
+            "seg": _resolve(data_root, getattr(row, "seg_path", None)),
+            "name": str(row.img_name).replace(".nii.gz", ""),
+            "age": None if pd.isna(age) else float(age),
+            "label": int(row.label),
+        })
+    if check_files:
+        missing = [p for item in items for p in (item["image"], item["mask"], item["seg"])
+                   if p is not None and not Path(p).is_file()]
+        if missing:
+            raise _missing_files_error(csv_path, missing)
+    return items
+
+
+def split_names(data_root) -> list[str]:
+    """The split CSVs present under ``data_root/splits`` (without ``avail_t2``), sorted."""
+    splits_dir = Path(data_root) / SPLITS_DIR
+    return sorted(p.stem for p in splits_dir.glob("*.csv") if p.name != AVAIL_T2)
+
+
+def load_split(data_root, name: str, mode: str = "t2") -> list[dict]:
+    """Read the split ``name`` (e.g. ``"IXI_train_fold0"``, ``"Brats21_test"``) of a data root."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise DataError(f"dataset_dir {data_root} does not exist or is not a folder.")
+    csv_path = data_root / SPLITS_DIR / f"{name}.csv"
+    if not csv_path.is_file():
+        available = ", ".join(split_names(data_root)) or "none"
+        raise DataError(f"No split file {csv_path}. Splits available in {data_root / SPLITS_DIR}: {available}.")
+    return read_split(csv_path, data_root, mode=mode)
+
+
+PREPROCESSING_VERSION = 1
+
+
+def preprocessing_key(smoothing: bool = True) -> str:
+    """A short hash of the preprocessing settings: cached volumes are only reused for the same settings."""
+    settings = {"version": PREPROCESSING_VERSION, "crop": T.CROP_SIZE, "size": T.VOLUME_SIZE,
+                "factor": T.RESAMPLE_FACTOR, "percentiles": (1, 99),
+                "curvature_flow": (0.125, 3) if smoothing else None}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def volume_dataset(items: list[dict], cache_dir, transform=None, smoothing: bool = True) -> PersistentDataset:
+    """Preprocessed (1, 96, 96, 50) volumes, computed once and cached on disk under
+    ``cache_dir/volumes-<settings hash>``; ``transform`` (random slicing, augmentation) runs after the cache."""
+    steps = [T.preprocessing(smoothing=smoothing)] + ([transform] if transform is not None else [])
+    data = [{k: v for k, v in item.items() if not (k == "seg" and v is None)} for item in items]
+    cache = Path(cache_dir) / f"volumes-{preprocessing_key(smoothing)}"
+    return PersistentDataset(data, transform=Compose(steps).flatten(), cache_dir=cache)

@@ -1,0 +1,56 @@
+"""Quick-look figures: a grid of axial slices of a split with the lesion segmentation outlined."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from custom_components.data import load_split  # noqa: E402
+
+
+def _show_slice(volume: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The axial slice with the most lesion voxels (the middle slice when there is no lesion)."""
+    z = volume.shape[2] // 2
+    if seg is not None and seg.any():
+        z = int(np.argmax(seg.reshape(-1, seg.shape[2]).sum(0)))
+    return np.rot90(volume[:, :, z]), None if seg is None else np.rot90(seg[:, :, z] > 0)
+
+
+def save_figure(fig, out) -> Path:
+    """Write a figure atomically (temp file + rename) and close it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def preview(data_root, split: str = "Brats21_test", out: str = "preview.png", n: int = 12, mode: str = "t2",
+            columns: int = 6) -> str:
+    """Save a PNG grid of ``n`` volumes of ``split``: the slice with the largest lesion, lesion outlined in red."""
+    items = load_split(data_root, split, mode=mode)[:n]
+    if not items:
+        raise ValueError(f"Split {split} of {data_root} lists no volumes.")
+    rows = -(-len(items) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items):
+        volume = np.asanyarray(nib.load(item["image"]).dataobj)
+        seg = np.asanyarray(nib.load(item["seg"]).dataobj) if item["seg"] else None
+        image, outline = _show_slice(volume, seg)
+        ax.imshow(image, cmap="gray")
+        if outline is not None and outline.any():
+            ax.contour(outline, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(item["name"], fontsize=7)
+    fig.suptitle(f"{split}: {len(items)} volumes, lesions outlined", fontsize=10)
+    return str(save_figure(fig, out))
