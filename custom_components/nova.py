@@ -1,0 +1,467 @@
+"""NOVA benchmark: reading images and metadata, boxes from residual maps, and the localisation metrics.
+
+Box convention inside this module: ``(y_min, x_min, y_max, x_max)`` in float pixels, rows first as
+``skimage.measure.regionprops`` gives them. Ground truth from ``bbox_gold`` is ``(y, x, y + height,
+x + width)``; predictions come as ``{"x_min", "y_min", "x_max", "y_max", "score"}`` with the max
+exclusive (regionprops). Two metric families are computed (SPEC section 6):
+
+* ``reference`` -- the published NOVA protocol: per image, boxes sorted by area (largest first, top 5),
+  inclusive IoU (``+1`` on widths, heights and the intersection), greedy matching to the highest-IoU
+  ground-truth box, per-image AP = mean of the cumulative precisions at the TP positions, mAP = mean
+  over images.
+* ``score_ranked`` -- a COCO-style AP: boxes ranked by ``score`` over the whole set, standard IoU,
+  101-point interpolated precision. Reported beside the reference numbers, never instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IOU_THRESHOLDS_50_95",
+    "load_nova_image",
+    "parse_bbox",
+    "read_nova_metadata",
+    "read_nova_filenames",
+    "boxes_from_residual",
+    "box_iou",
+    "load_predictions",
+    "evaluate_nova",
+    "evaluate_nova_files",
+    "write_json_atomic",
+    "format_summary",
+]
+
+#: IoU thresholds of mAP@50:95 (0.50, 0.55, ..., 0.95), rounded so that 0.5 and 0.95 are exact.
+IOU_THRESHOLDS_50_95 = np.round(np.linspace(0.5, 0.95, 10), 2)
+#: Precision denominator offset of the reference implementation: tp / (tp + fp + 1e-6).
+REFERENCE_EPS = 1e-6
+#: Columns metadata.csv must have.
+METADATA_COLUMNS = ("filename", "caption", "case_id", "bbox_gold")
+BBOX_KEYS = ("x", "y", "width", "height")
+PRED_KEYS = ("x_min", "y_min", "x_max", "y_max", "score")
+
+
+# ----------------------------------------------------------------------------------------- reading
+def load_nova_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a NOVA PNG at native resolution as float32 ``(H, W)`` in [0, 1].
+
+    RGB(A) images become gray (ITU-R 601 luma, alpha dropped); 16-bit images are scaled by 65535.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NOVA image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("P", "PA"):  # palette: map indices to colours first
+                img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+                mode = img.mode
+            arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+
+    if mode == "1":
+        return arr.astype(np.float32)
+    if mode in ("LA", "RGBA", "PA"):
+        arr = arr[..., :-1]  # drop alpha
+    if mode.startswith("I") or arr.dtype == np.uint16:
+        scale = 65535.0  # 16-bit PNGs open as "I;16" or "I" depending on Pillow's version
+    elif arr.dtype == np.uint8:
+        scale = 255.0
+    else:
+        raise ValueError(f"{path}: unsupported image mode {mode!r} (dtype {arr.dtype})")
+    arr = arr.astype(np.float64)
+    if arr.ndim == 3:
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        elif arr.shape[-1] == 3:
+            arr = arr @ np.array([0.299, 0.587, 0.114])
+        else:
+            raise ValueError(f"{path}: unexpected channel count {arr.shape[-1]} (mode {mode!r})")
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2D image, got shape {arr.shape}")
+    return np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
+
+
+def _is_missing(text) -> bool:
+    if text is None:
+        return True
+    if isinstance(text, float) and math.isnan(text):
+        return True
+    return isinstance(text, str) and text.strip().lower() in ("", "nan", "none")
+
+
+def parse_bbox(text: str | None, filename: str = "<unknown>") -> np.ndarray:
+    """Parse a ``bbox_gold`` string into ``(n, 4)`` float boxes ``(y, x, y + height, x + width)``.
+
+    The string is a Python-literal dict ``{'x': [...], 'y': [...], 'width': [...], 'height': [...]}``
+    read with ``ast.literal_eval`` (never ``eval``). An empty/NaN cell means no box. Anything else
+    that is not that format raises a ValueError naming ``filename`` and the problem.
+    """
+    if _is_missing(text):
+        return np.zeros((0, 4), dtype=np.float64)
+    if not isinstance(text, str):
+        raise ValueError(f"{filename}: bbox_gold must be a string, got {type(text).__name__}")
+    short = text if len(text) <= 120 else text[:117] + "..."
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        raise ValueError(f"{filename}: bbox_gold is not a Python literal dict ({type(e).__name__}): {short!r}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{filename}: bbox_gold must be a dict with keys {list(BBOX_KEYS)}, got "
+                         f"{type(value).__name__}: {short!r}")
+    missing = [k for k in BBOX_KEYS if k not in value]
+    if missing:
+        raise ValueError(f"{filename}: bbox_gold lacks key(s) {missing}: {short!r}")
+
+    columns = {}
+    for key in BBOX_KEYS:
+        v = value[key]
+        items = list(v) if isinstance(v, (list, tuple)) else [v]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, Real):
+                raise ValueError(f"{filename}: bbox_gold['{key}'] holds a non-number {item!r}: {short!r}")
+        columns[key] = np.asarray(items, dtype=np.float64)
+    lengths = {k: len(c) for k, c in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{filename}: bbox_gold lists differ in length {lengths}: {short!r}")
+    for key, c in columns.items():
+        if not np.all(np.isfinite(c)):
+            raise ValueError(f"{filename}: bbox_gold['{key}'] holds a non-finite value: {short!r}")
+    for key in ("width", "height"):
+        if np.any(columns[key] < 0):
+            raise ValueError(f"{filename}: bbox_gold['{key}'] holds a negative value: {short!r}")
+    x, y, w, h = (columns[k] for k in BBOX_KEYS)
+    return np.stack([y, x, y + h, x + w], axis=1).reshape(-1, 4)
+
+
+def _read_metadata_rows(csv_path: str | os.PathLike) -> list[dict]:
+    """Rows of metadata.csv as dicts of strings, after checking the file and its columns."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"NOVA metadata file not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in METADATA_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; found {header}")
+        rows = list(reader)
+    seen, duplicates = set(), []
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("filename") or "").strip()
+        if not name:
+            raise ValueError(f"{csv_path}: row at line {line} has an empty filename")
+        if name in seen:
+            duplicates.append(name)
+        seen.add(name)
+        row["filename"] = name
+    if duplicates:
+        raise ValueError(f"{csv_path}: duplicated filename(s) {sorted(set(duplicates))[:20]}")
+    return rows
+
+
+def read_nova_filenames(csv_path: str | os.PathLike) -> list[str]:
+    """Every filename listed in metadata.csv (no caption filter, boxes not parsed)."""
+    return [row["filename"] for row in _read_metadata_rows(csv_path)]
+
+
+def read_nova_metadata(csv_path: str | os.PathLike, caption_filter: str | None = "T2") -> list[dict]:
+    """Read metadata.csv into ``[{filename, caption, case_id, boxes}]``, boxes as from :func:`parse_bbox`.
+
+    ``caption_filter``: keep the rows whose caption contains this string (case-sensitive, as the
+    published protocol's "T2"); None or "" keeps every row ("" is how to ask for all rows on the
+    ``monai.bundle`` command line, which drops ``None`` overrides). Only kept rows have their boxes parsed; a
+    malformed ``bbox_gold`` raises a ValueError naming the file and the row's filename.
+    """
+    records = []
+    for row in _read_metadata_rows(csv_path):
+        caption = row.get("caption") or ""
+        if caption_filter and str(caption_filter) not in caption:
+            continue
+        try:
+            boxes = parse_bbox(row.get("bbox_gold"), row["filename"])
+        except ValueError as e:
+            raise ValueError(f"{csv_path}: {e}") from e
+        records.append({"filename": row["filename"], "caption": caption,
+                        "case_id": (row.get("case_id") or "").strip(), "boxes": boxes})
+    return records
+
+
+# ------------------------------------------------------------------------------------ prediction
+def boxes_from_residual(residual: np.ndarray, threshold: float = 0.5, top_k: int | None = 5,
+                        median_size: int | None = 5) -> list[dict]:
+    """Boxes of the anomalous regions of a 2D residual map (prediction side of SPEC section 6).
+
+    Median filter (``median_size``; None or 1 = none), binarise ``> threshold``, 4-connected
+    components; one box per component as regionprops gives it (min inclusive, max exclusive) with
+    ``score`` = mean of the unfiltered residual inside the component. Returns the ``top_k`` largest
+    boxes by box area (descending, stable on ties; None = all) as
+    ``[{"x_min", "y_min", "x_max", "y_max", "score"}]``.
+    """
+    from scipy import ndimage
+
+    residual = np.asarray(residual, dtype=np.float64)
+    if residual.ndim != 2:
+        raise ValueError(f"boxes_from_residual expects a 2D residual map, got shape {residual.shape}")
+    smoothed = residual if median_size in (None, 1) else ndimage.median_filter(residual, size=int(median_size))
+    labels, n = ndimage.label(smoothed > threshold)  # default structure = 4-connectivity in 2D
+    if n == 0:
+        return []
+    slices = ndimage.find_objects(labels)
+    bounds = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices], dtype=np.int64)
+    scores = np.asarray(ndimage.mean(residual, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    areas = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+    order = np.argsort(-areas, kind="stable")
+    if top_k is not None:
+        order = order[: int(top_k)]
+    return [{"x_min": int(bounds[i, 1]), "y_min": int(bounds[i, 0]), "x_max": int(bounds[i, 3]),
+             "y_max": int(bounds[i, 2]), "score": float(scores[i])} for i in order]
+
+
+# --------------------------------------------------------------------------------------- metrics
+def box_iou(a: np.ndarray, b: np.ndarray, inclusive: bool = False) -> np.ndarray:
+    """Pairwise IoU ``(n, m)`` of ``(y_min, x_min, y_max, x_max)`` boxes.
+
+    ``inclusive=True`` is the reference's pixel-inclusive IoU: ``+1`` on each side length and on
+    the intersection's; ``False`` is the standard continuous IoU.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    one = 1.0 if inclusive else 0.0
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo + one, 0.0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2] + one, axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2] + one, axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def load_predictions(path: str | os.PathLike) -> dict:
+    """Read a predictions JSON ``{filename: [{"x_min", "y_min", "x_max", "y_max", "score"}, ...]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{filename: [boxes]}}, got {type(data).__name__}")
+    return data
+
+
+def _prediction_arrays(predictions: Mapping, known: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Validate predictions; return ``{filename: (boxes (n, 4) yxyx, scores (n,))}``."""
+    if not isinstance(predictions, Mapping):
+        raise ValueError(f"predictions must be a mapping {{filename: [boxes]}}, got {type(predictions).__name__}")
+    unknown = sorted(str(k) for k in predictions if k not in known)
+    if unknown:
+        raise ValueError(f"{len(unknown)} predicted filename(s) are not in the NOVA metadata: "
+                         f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+    out = {}
+    for name, boxes in predictions.items():
+        if not isinstance(boxes, Sequence) or isinstance(boxes, (str, bytes)):
+            raise ValueError(f"{name}: predictions must be a list of boxes, got {type(boxes).__name__}")
+        arr = np.zeros((len(boxes), 4), dtype=np.float64)
+        scores = np.zeros(len(boxes), dtype=np.float64)
+        for i, box in enumerate(boxes):
+            if not isinstance(box, Mapping):
+                raise ValueError(f"{name}: box {i} must be an object with keys {list(PRED_KEYS)}, got {box!r}")
+            missing = [k for k in PRED_KEYS if k not in box]
+            if missing:
+                raise ValueError(f"{name}: box {i} lacks key(s) {missing}: {dict(box)}")
+            vals = [box[k] for k in PRED_KEYS]
+            if any(isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) for v in vals):
+                raise ValueError(f"{name}: box {i} holds a non-numeric or non-finite value: {dict(box)}")
+            x0, y0, x1, y1, s = (float(v) for v in vals)
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError(f"{name}: box {i} is empty or inverted (need x_max > x_min and "
+                                 f"y_max > y_min): {dict(box)}")
+            arr[i] = (y0, x0, y1, x1)
+            scores[i] = s
+        out[name] = (arr, scores)
+    return out
+
+
+def _reference_image(pred: np.ndarray, gt: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference protocol on one image; ``pred`` already area-sorted and truncated.
+
+    Returns per-threshold AP ``(T,)`` and the TP flags ``(T, n_pred)``.
+    """
+    n, t = len(pred), len(thresholds)
+    if n == 0:
+        return np.zeros(t), np.zeros((t, 0), dtype=bool)
+    if len(gt) == 0:
+        return np.zeros(t), np.zeros((t, n), dtype=bool)
+    iou = box_iou(pred, gt, inclusive=True)
+    best_gt = np.argmax(iou, axis=1)  # first index on ties
+    best_iou = iou[np.arange(n), best_gt]
+    passes = best_iou[None, :] >= thresholds[:, None]  # (T, n)
+    # a passing box is a TP unless an earlier passing box (a TP by induction) took the same GT box
+    same_earlier = (best_gt[:, None] == best_gt[None, :]) & np.tri(n, n, -1, dtype=bool).T  # [j, i]: j < i
+    taken = (passes[:, :, None] & same_earlier[None]).any(axis=1)
+    tp = passes & ~taken
+    tp_cum = np.cumsum(tp, axis=1)
+    fp_cum = np.cumsum(~tp, axis=1)
+    precision = tp_cum / (tp_cum + fp_cum + REFERENCE_EPS)
+    n_tp = tp.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap = np.where(n_tp > 0, (precision * tp).sum(axis=1) / np.maximum(n_tp, 1), 0.0)
+    return ap, tp
+
+
+def _score_ranked_ap(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], thresholds: np.ndarray,
+                     n_gt: int) -> np.ndarray:
+    """COCO-style AP per threshold: greedy match per image in score order (best unmatched GT with
+    IoU >= t, standard IoU), detections ranked by score over the set, 101-point interpolation."""
+    recall_points = np.linspace(0.0, 1.0, 101)
+    all_scores, all_tp = [], []
+    for pred, scores, gt in per_image:
+        tp = np.zeros((len(thresholds), len(pred)), dtype=bool)
+        if len(pred) and len(gt):
+            iou = box_iou(pred, gt, inclusive=False)
+            for ti, thr in enumerate(thresholds):
+                free = np.ones(len(gt), dtype=bool)
+                for d in range(len(pred)):  # at most top_k boxes per image
+                    cand = np.where(free & (iou[d] >= thr), iou[d], -1.0)
+                    g = int(np.argmax(cand))
+                    if cand[g] >= 0:
+                        tp[ti, d] = True
+                        free[g] = False
+        all_scores.append(scores)
+        all_tp.append(tp)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    tp = np.concatenate(all_tp, axis=1) if all_tp else np.zeros((len(thresholds), 0), dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    tp = tp[:, order]
+    tp_cum = np.cumsum(tp, axis=1)
+    fp_cum = np.cumsum(~tp, axis=1)
+    ap = np.zeros(len(thresholds))
+    for ti in range(len(thresholds)):
+        if tp.shape[1] == 0:
+            continue
+        recall = tp_cum[ti] / n_gt
+        precision = tp_cum[ti] / (tp_cum[ti] + fp_cum[ti])
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]
+        idx = np.searchsorted(recall, recall_points, side="left")
+        ap[ti] = np.where(idx < len(envelope), envelope[np.minimum(idx, len(envelope) - 1)], 0.0).mean()
+    return ap
+
+
+def evaluate_nova(predictions: Mapping[str, list[dict]], records: list[dict], top_k: int | None = 5,
+                  known_filenames: Sequence[str] | None = None) -> dict:
+    """NOVA localisation metrics of ``predictions`` on the images of ``records``.
+
+    ``records``: the evaluated images (from :func:`read_nova_metadata`, caption filter applied);
+    each one counts, with AP 0 when it has no prediction. ``known_filenames``: every filename of the
+    metadata file (defaults to those of ``records``); predictions for known images outside
+    ``records`` are ignored, unknown names raise a ValueError. ``top_k``: boxes kept per image
+    (largest area for the reference protocol, highest score for the score-ranked AP; None = all).
+
+    Returns ``{"reference": {mAP@30, mAP@50, mAP@50:95, ACC@50, TP@30, FP@30, GT@30},
+    "score_ranked": {AP@30, AP@50, AP@50:95}, "n_images": int, "per_image": {filename: {...}}}``.
+    """
+    if not records:
+        raise ValueError("no NOVA images to evaluate (empty metadata, or the caption filter removed every row)")
+    known = set(known_filenames) if known_filenames is not None else {r["filename"] for r in records}
+    known |= {r["filename"] for r in records}
+    preds = _prediction_arrays(predictions, known)
+    n_gt = int(sum(len(r["boxes"]) for r in records))
+    if n_gt == 0:
+        raise ValueError("the evaluated NOVA images have no ground-truth boxes; the metrics are undefined")
+
+    thresholds = np.concatenate([[0.3], IOU_THRESHOLDS_50_95])  # index 0: 0.30, 1: 0.50, ..., 10: 0.95
+    i30, i50 = 0, 1
+    aps, tps, fps, per_image, ranked_inputs = [], [], [], {}, []
+    for rec in records:
+        name, gt = rec["filename"], np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
+        boxes, scores = preds.get(name, (np.zeros((0, 4)), np.zeros(0)))
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        by_area = np.argsort(-area, kind="stable")[:top_k]
+        ap, tp = _reference_image(boxes[by_area], gt, thresholds)
+        n_tp = tp.sum(axis=1)
+        aps.append(ap)
+        tps.append(n_tp)
+        fps.append(tp.shape[1] - n_tp)
+        per_image[name] = {"AP@30": float(ap[i30]), "AP@50": float(ap[i50]), "TP@30": int(n_tp[i30]),
+                           "FP@30": int(tp.shape[1] - n_tp[i30]), "GT": int(len(gt))}
+        by_score = np.argsort(-scores, kind="stable")[:top_k]
+        ranked_inputs.append((boxes[by_score], scores[by_score], gt))
+
+    aps, tps, fps = np.array(aps), np.array(tps), np.array(fps)  # (n_images, T)
+    mean_ap = aps.mean(axis=0)
+    ranked = _score_ranked_ap(ranked_inputs, thresholds, n_gt)
+    reference = {
+        "mAP@30": float(mean_ap[i30]),
+        "mAP@50": float(mean_ap[i50]),
+        "mAP@50:95": float(mean_ap[1:].mean()),
+        "ACC@50": float(tps[:, i50].sum() / n_gt),
+        "TP@30": int(tps[:, i30].sum()),
+        "FP@30": int(fps[:, i30].sum()),
+        "GT@30": n_gt,
+    }
+    score_ranked = {"AP@30": float(ranked[i30]), "AP@50": float(ranked[i50]), "AP@50:95": float(ranked[1:].mean())}
+    return {"reference": reference, "score_ranked": score_ranked, "n_images": len(records), "per_image": per_image}
+
+
+# ------------------------------------------------------------------------------------ file-level
+def write_json_atomic(path: str | os.PathLike, obj) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same folder + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return str(path)
+
+
+def format_summary(metrics: Mapping) -> str:
+    """One line per number, for the log."""
+    lines = [f"NOVA evaluation on {metrics['n_images']} image(s)"]
+    for group in ("reference", "score_ranked"):
+        for key, value in metrics[group].items():
+            lines.append(f"  {group:<12} {key:<10} {value:.4f}" if isinstance(value, float)
+                         else f"  {group:<12} {key:<10} {value}")
+    return "\n".join(lines)
+
+
+def evaluate_nova_files(predictions_file: str | os.PathLike, metadata_file: str | os.PathLike,
+                        output_file: str | os.PathLike | None = None, caption_filter: str | None = "T2",
+                        top_k: int | None = 5) -> dict:
+    """File-level :func:`evaluate_nova`: read both files, evaluate, write ``output_file`` atomically."""
+    metrics = evaluate_nova(load_predictions(predictions_file),
+                            read_nova_metadata(metadata_file, caption_filter=caption_filter),
+                            top_k=top_k, known_filenames=read_nova_filenames(metadata_file))
+    if output_file is not None:
+        write_json_atomic(output_file, metrics)
+    logger.info(format_summary(metrics))
+    return metrics
