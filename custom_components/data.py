@@ -128,6 +128,6 @@ def volume_dataset(items: list[dict], cache_dir, transform=None, smoothing: bool
     """Preprocessed (1, 96, 96, 50) volumes, computed once and cached on disk under
     ``cache_dir/volumes-<settings hash>``; ``transform`` (random slicing, augmentation) runs after the cache."""
     steps = [T.preprocessing(smoothing=smoothing)] + ([transform] if transform is not None else [])
-    data = [{k: v for k, v in item.items() if not (k == "seg" and v is None)} for item in items]
+    data = [{k: v for k, v in item.items() if v is not None} for item in items]  # no seg/age: key left out
     cache = Path(cache_dir) / f"volumes-{preprocessing_key(smoothing)}"
     return PersistentDataset(data, transform=Compose(steps).flatten(), cache_dir=cache)

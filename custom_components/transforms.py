@@ -141,25 +141,28 @@ class BinarizeLabelsd(MapTransform):
 
 
 class RandAxialSliced(Randomizable, MapTransform):
-    """Pick one random axial slice (last axis) among those with brain, for every key: (C,H,W,D) -> (C,H,W).
+    """Random axial slices (last axis) among those with brain, for every key: (C,H,W,D) -> (C,H,W).
 
-    The chosen index is stored under ``"slice"`` so a sample can be traced back to its volume.
+    ``num_samples=1`` gives one slice per volume (SPEC: an epoch is one slice per volume); more give a list
+    of slices that the DataLoader flattens into the batch. The chosen index is stored under ``"slice"``.
     """
 
-    def __init__(self, keys: KeysCollection, mask_key: str = "mask", allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, mask_key: str = "mask", num_samples: int = 1,
+                 allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.mask_key = mask_key
+        self.mask_key, self.num_samples = mask_key, num_samples
 
     def __call__(self, data):
         d = dict(data)
         brain_slices = torch.nonzero(d[self.mask_key].flatten(0, -2).sum(0) > 0).flatten()
         if len(brain_slices) == 0:
             raise ValueError(f"The brain mask of {d.get('name', 'a volume')} is empty: no slice to sample.")
-        z = int(brain_slices[self.R.randint(len(brain_slices))])
-        for key in self.key_iterator(d):
-            d[key] = d[key][..., z]
-        d["slice"] = z
-        return d
+        samples = []
+        for index in self.R.randint(len(brain_slices), size=self.num_samples):
+            z = int(brain_slices[index])
+            sample = {**d, **{key: d[key][..., z] for key in self.key_iterator(d)}, "slice": z}
+            samples.append(sample)
+        return samples[0] if self.num_samples == 1 else samples
 
 
 class RandGhostingd(Randomizable, MapTransform):
@@ -203,3 +206,31 @@ def intensity_augmentation(image_key: str = "image") -> Compose:
         RandGhostingd(image_key, prob=0.5),
         ClipIntensityd(image_key),
     ])
+
+
+class AxialSlicesd(MapTransform):
+    """All axial slices of a volume, in order, as a list of 2D samples (the DataLoader flattens the list).
+
+    With ``brain_only`` only slices with brain are kept (validation losses); without, all of them
+    (evaluation, where the slices are stacked back into a volume).
+    """
+
+    def __init__(self, keys: KeysCollection, mask_key: str = "mask", brain_only: bool = True,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key, self.brain_only = mask_key, brain_only
+
+    def __call__(self, data) -> list[dict]:
+        d = dict(data)
+        depth = d[self.mask_key].shape[-1]
+        has_brain = d[self.mask_key].flatten(0, -2).sum(0) > 0
+        slices = []
+        for z in range(depth):
+            if self.brain_only and not has_brain[z]:
+                continue
+            sample = dict(d)
+            for key in self.key_iterator(d):
+                sample[key] = d[key][..., z]
+            sample["slice"] = z
+            slices.append(sample)
+        return slices
