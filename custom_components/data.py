@@ -127,7 +127,8 @@ def preprocessing_key(smoothing: bool = True) -> str:
 def volume_dataset(items: list[dict], cache_dir, transform=None, smoothing: bool = True) -> PersistentDataset:
     """Preprocessed (1, 96, 96, 50) volumes, computed once and cached on disk under
     ``cache_dir/volumes-<settings hash>``; ``transform`` (random slicing, augmentation) runs after the cache."""
-    steps = [T.preprocessing(smoothing=smoothing)] + ([transform] if transform is not None else [])
+    # a Compose counts as random for PersistentDataset, so wrapping ``transform`` in one stops the cache there
+    steps = [*T.preprocessing(smoothing=smoothing).flatten().transforms, *([Compose([transform])] if transform else [])]
     data = [{k: v for k, v in item.items() if v is not None} for item in items]  # no seg/age: key left out
     cache = Path(cache_dir) / f"volumes-{preprocessing_key(smoothing)}"
-    return PersistentDataset(data, transform=Compose(steps).flatten(), cache_dir=cache)
+    return PersistentDataset(data, transform=Compose(steps), cache_dir=cache)

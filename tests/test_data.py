@@ -154,6 +154,16 @@ def test_cache_reused_on_second_pass(volume, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("volumes-*"))) == 2
 
 
+def test_cache_holds_preprocessing_only(volume, tmp_path):
+    """Datasets with different (even deterministic) post-transforms share the cache, never each other's output."""
+    items = [{**volume, "name": "v", "label": 1}]
+    slices = volume_dataset(items, tmp_path / "cache", transform=T.AxialSlicesd(["image", "mask"]))[0]
+    shifted = volume_dataset(items, tmp_path / "cache", transform=T.ClipIntensityd("image", lo=0.5))[0]
+    assert isinstance(slices, list) and slices[0]["image"].shape == (1, 96, 96)
+    assert shifted["image"].shape == (1, 96, 96, 50) and shifted["image"].min() == 0.5
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 1
+
+
 def test_random_slices_have_brain(volume, tmp_path):
     slicer = T.RandAxialSliced(["image", "mask", "seg"])
     dataset = volume_dataset([{**volume, "name": "v", "label": 1}], tmp_path / "cache", transform=slicer)
