@@ -131,4 +131,6 @@ def volume_dataset(items: list[dict], cache_dir, transform=None, smoothing: bool
     steps = [*T.preprocessing(smoothing=smoothing).flatten().transforms, *([Compose([transform])] if transform else [])]
     data = [{k: v for k, v in item.items() if v is not None} for item in items]  # no seg/age: key left out
     cache = Path(cache_dir) / f"volumes-{preprocessing_key(smoothing)}"
-    return PersistentDataset(data, transform=Compose(steps), cache_dir=cache)
+    # track_meta: cached volumes keep their MetaTensor affine like freshly computed ones (a batch never mixes
+    # the two types); the cache holds only files this function wrote, hence weights_only=False
+    return PersistentDataset(data, transform=Compose(steps), cache_dir=cache, track_meta=True, weights_only=False)

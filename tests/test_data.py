@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from custom_components import transforms as T
 from custom_components.data import DataError, load_split, read_split, volume_dataset
@@ -149,6 +150,8 @@ def test_cache_reused_on_second_pass(volume, tmp_path, monkeypatch):
     monkeypatch.setattr(T.CurvatureFlowd, "__call__", fail)
     second = volume_dataset(items, tmp_path / "cache")[0]
     assert torch.equal(first["image"], second["image"])
+    # a cached volume is the same type, with the same affine, as a freshly computed one
+    assert isinstance(second["image"], MetaTensor) and torch.equal(second["image"].affine, first["image"].affine)
     # other settings -> another cache folder, so stale volumes are never reused
     volume_dataset(items, tmp_path / "cache", smoothing=False)[0]
     assert len(list((tmp_path / "cache").glob("volumes-*"))) == 2
