@@ -1,0 +1,63 @@
+"""The cond_ddpm bundle's training run as users run it: demo profile, encoder checkpoint, resume, properties."""
+
+import re
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from custom_components.networks.backbone import resnet_backbone
+from custom_components.networks.diffusion_unet import ConditionalDDPM
+from tests.conftest import REPO, run_bundle
+
+BUNDLE = "cond_ddpm"
+DEMO = ["train.yaml", "demo.yaml"]
+TINY = ["--channels", "[8,16,16]", "--slices_per_volume", "8", "--batch_size", "16", "--learning_rate", "0.002",
+        "--num_workers", "0"]
+
+
+def _val_losses(log: str) -> dict[int, float]:
+    return {int(e): float(v) for e, v in re.findall(r"Epoch\[(\d+)\] Metrics -- val_loss: ([\d.]+)", log)}
+
+
+def test_train_lowers_val_loss_and_resumes(demo_root, cache_dir, tmp_path):
+    encoder = tmp_path / "encoder.pt"
+    backbone = resnet_backbone(18)
+    torch.save(backbone.state_dict(), encoder)
+    out = tmp_path / "ddpm"
+    common = ["--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir), "--output_dir", str(out),
+              "--encoder_ckpt", str(encoder), *TINY]
+    first = run_bundle(DEMO, BUNDLE, *common, "--epochs", "2")
+    assert (out / "checkpoint_epoch=2.pt").is_file() and (out / "model.pt").is_file()
+    losses = _val_losses(first.stdout + first.stderr)
+    assert sorted(losses) == [1, 2]
+
+    # started again with more epochs, it continues from epoch 2 instead of starting over
+    second = run_bundle(DEMO, BUNDLE, *common, "--epochs", "3")
+    log = second.stdout + second.stderr
+    assert re.search(r"Resumed from .*checkpoint_epoch=2\.pt at epoch 2", log)
+    losses.update(_val_losses(log))
+    assert sorted(losses) == [1, 2, 3]
+    assert losses[3] < losses[1], losses
+
+    # model.pt is the whole conditional network, and its encoder started from the given backbone
+    model = ConditionalDDPM(channels=(8, 16, 16), num_res_blocks=1, encoder_depth=18, pixel_unshuffle=2)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+
+
+def test_bad_encoder_checkpoint_names_the_file(demo_root, tmp_path):
+    bad = tmp_path / "not_an_encoder.pt"
+    torch.save({"weight": torch.zeros(3)}, bad)
+    with pytest.raises(AssertionError, match="not_an_encoder.pt"):
+        run_bundle(DEMO, BUNDLE, "--dataset_dir", str(demo_root), "--encoder_ckpt", str(bad),
+                   "--output_dir", str(tmp_path / "out"))
+
+
+def test_train_properties(demo_root, cache_dir):
+    configs = REPO / "bundles" / BUNDLE / "configs"
+    workflow = ConfigWorkflow(config_file=[str(configs / c) for c in DEMO], meta_file=str(configs / "metadata.json"),
+                              logging_file=str(configs / "logging.conf"), workflow_type="train",
+                              bundle_root=str(REPO / "bundles" / BUNDLE), dataset_dir=str(demo_root),
+                              cache_dir=str(cache_dir))
+    workflow.initialize()
+    assert workflow.check_properties() == []
