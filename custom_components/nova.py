@@ -37,6 +37,14 @@ __all__ = [
     "read_nova_metadata",
     "read_nova_filenames",
     "boxes_from_residual",
+    "load_network_weights",
+    "LoadNetworkWeights",
+    "as_bool",
+    "nova_items",
+    "LoadNovaImage",
+    "residual_01",
+    "save_overlay",
+    "NovaBoxWriter",
     "box_iou",
     "load_predictions",
     "evaluate_nova",
@@ -234,6 +242,211 @@ def boxes_from_residual(residual: np.ndarray, threshold: float = 0.5, top_k: int
         order = order[: int(top_k)]
     return [{"x_min": int(bounds[i, 1]), "y_min": int(bounds[i, 0]), "x_max": int(bounds[i, 3]),
              "y_max": int(bounds[i, 2]), "score": float(scores[i])} for i in order]
+
+
+# ------------------------------------------------------------------------------ inference pipeline
+def load_network_weights(network, ckpt_path: str | os.PathLike, map_location="cpu"):
+    """Load the trained weights at ``ckpt_path`` into ``network`` (strict) and return the network.
+
+    The file is a plain ``state_dict`` (what cond_ddpm saves as ``models/model.pt``) or a training
+    checkpoint holding it under ``"network"`` or ``"model"``. A missing file or weights of another
+    architecture raise an error naming the file and, for the latter, the network ids to check.
+    """
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path to cond_ddpm's models/model.pt)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt file, or objects that are not tensors
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from e
+    if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = next((state[k] for k in ("network", "model") if isinstance(state.get(k), Mapping)), None)
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state_dict of tensors (or a checkpoint holding one under "
+                         f"'network' or 'model')")
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"{len(missing)} missing key(s), e.g. {missing[:2]}" if missing else "",
+            f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:2]}" if unexpected else "",
+            f"{len(wrong)} tensor(s) of another shape, e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} in the file vs "
+            f"{tuple(expected[wrong[0]].shape)} here" if wrong else "") if part)
+        raise ValueError(f"{path} does not fit the configured {type(network).__name__} ({detail}); the network ids "
+                         "(channels, num_res_blocks, cond_dim, encoder_depth, pixel_unshuffle, conditioning) must be "
+                         "those it was trained with (a demo-profile checkpoint needs configs/demo.yaml)")
+    network.load_state_dict(state, strict=True)
+    logger.info(f"Loaded network weights from {path}")
+    return network
+
+
+class LoadNetworkWeights:
+    """Engine handler: :func:`load_network_weights` when the run starts, so that building the workflow
+    (and checking its properties) needs no checkpoint."""
+
+    def __init__(self, network, ckpt_path: str | os.PathLike, map_location="cpu") -> None:
+        self.network, self.ckpt_path, self.map_location = network, ckpt_path, map_location
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine=None) -> None:
+        load_network_weights(self.network, self.ckpt_path, map_location=self.map_location)
+
+
+def as_bool(value, name: str = "value") -> bool:
+    """A yes/no setting that may arrive as a string from the command line ("true", "False", "0", "no", ...)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0", "", "none", "null"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def nova_items(metadata_file: str | os.PathLike, image_dir: str | os.PathLike,
+               caption_filter: str | None = "T2") -> list[dict]:
+    """Dataset items ``[{"image": path, "filename", "gt_boxes": (n, 4)}]`` of the NOVA images to predict.
+
+    One item per row of ``metadata_file`` kept by ``caption_filter`` (see :func:`read_nova_metadata`).
+    Every image must exist in ``image_dir``; missing ones raise a FileNotFoundError listing them, before
+    any network call.
+    """
+    records = read_nova_metadata(metadata_file, caption_filter=caption_filter)
+    if not records:
+        raise ValueError(f"{metadata_file}: no image left to predict (caption_filter={caption_filter!r})")
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"NOVA image folder not found: {image_dir}")
+    items = [{"image": str(image_dir / r["filename"]), "filename": r["filename"],
+              "gt_boxes": np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4)} for r in records]
+    missing = [it["filename"] for it in items if not Path(it["image"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {metadata_file} are missing from {image_dir}: "
+                                f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    return items
+
+
+class LoadNovaImage:
+    """Dictionary transform: replace ``d[key]`` (a PNG path) by the image ``(1, H, W)`` float32 in [0, 1]
+    at native resolution (:func:`load_nova_image`)."""
+
+    def __init__(self, key: str = "image") -> None:
+        self.key = key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        d[self.key] = load_nova_image(d[self.key])[None]
+        return d
+
+
+def residual_01(image: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Residual ``|x - x_hat|`` on the [0, 1] intensity scale of an image and its reconstruction given in
+    [-1, 1] (the reconstruction is clipped to that range first, so the residual lies in [0, 1])."""
+    x = np.clip(np.asarray(image, dtype=np.float32), -1.0, 1.0)
+    x_hat = np.clip(np.asarray(recon, dtype=np.float32), -1.0, 1.0)
+    return np.abs(x - x_hat) * 0.5
+
+
+def save_overlay(path: str | os.PathLike, image: np.ndarray, gt_boxes: np.ndarray,
+                 pred_boxes: Sequence[Mapping]) -> str:
+    """Write ``image`` ((H, W) in [0, 1]) as an RGB PNG with the gold boxes in green and the predicted boxes
+    in red. Gold boxes are ``(y, x, y + height, x + width)``; predicted ones ``{"x_min", ..}``, max exclusive."""
+    from PIL import Image, ImageDraw
+
+    gray = (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    canvas = Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), mode="RGB")
+    draw = ImageDraw.Draw(canvas)
+    width = max(1, round(min(gray.shape) / 256))
+    for y0, x0, y1, x1 in np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4):
+        draw.rectangle([round(x0), round(y0), round(x1), round(y1)], outline=(0, 255, 0), width=width)
+    for b in pred_boxes:  # PIL rectangles include both corners: the last pixel is max - 1
+        draw.rectangle([b["x_min"], b["y_min"], b["x_max"] - 1, b["y_max"] - 1], outline=(255, 0, 0), width=width)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return str(path)
+
+
+class NovaBoxWriter:
+    """Evaluator handler: boxes from each image's reconstruction residual, written as a predictions file.
+
+    After every iteration it reads the input image and the reconstruction from the engine's output
+    (``image_key`` / ``pred_key``, (B, 1, H, W) in [-1, 1], ``decollate=False``) and the image names and
+    gold boxes from the batch; the residual (:func:`residual_01`) goes through :func:`boxes_from_residual`
+    (median ``median_size``, ``> threshold``, 4-connected components, ``top_k`` largest). When the run
+    completes, ``predictions_file`` is written atomically as ``{filename: [{x_min, y_min, x_max, y_max,
+    score}, ...]}`` (every image present, ``[]`` when no box). With ``overlay_dir``, a PNG per image with
+    the gold boxes in green and the predicted ones in red.
+    """
+
+    def __init__(self, predictions_file: str | os.PathLike, threshold: float = 0.5, top_k: int | None = 5,
+                 median_size: int | None = 5, overlay_dir: str | os.PathLike | None = None,
+                 save_overlays: bool | str = True, image_key: str = "image", pred_key: str = "pred",
+                 name_key: str = "filename", boxes_key: str = "gt_boxes") -> None:
+        value = threshold
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        self.predictions_file = Path(predictions_file)
+        self.threshold, self.top_k, self.median_size = float(value), top_k, median_size
+        self.overlay_dir = Path(overlay_dir) if overlay_dir and as_bool(save_overlays, "save_overlays") else None
+        self.image_key, self.pred_key, self.name_key, self.boxes_key = image_key, pred_key, name_key, boxes_key
+        self.predictions: dict[str, list[dict]] = {}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def reset(self, engine=None) -> None:
+        self.predictions = {}
+
+    @staticmethod
+    def _numpy(x) -> np.ndarray:
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+    def __call__(self, engine) -> None:
+        images = self._numpy(engine.state.output[self.image_key])
+        recons = self._numpy(engine.state.output[self.pred_key])
+        names = engine.state.batch[self.name_key]
+        names = [names] if isinstance(names, str) else list(names)
+        gold = engine.state.batch.get(self.boxes_key) if self.overlay_dir else None
+        if images.shape != recons.shape or images.ndim != 4 or images.shape[1] != 1 or len(names) != len(images):
+            raise ValueError(f"NovaBoxWriter expects (B, 1, H, W) images and reconstructions and B names, got "
+                             f"{images.shape}, {recons.shape} and {len(names)} name(s); use decollate: false")
+        for i, name in enumerate(names):
+            residual = residual_01(images[i, 0], recons[i, 0])
+            boxes = boxes_from_residual(residual, threshold=self.threshold, top_k=self.top_k,
+                                        median_size=self.median_size)
+            self.predictions[str(name)] = boxes
+            if self.overlay_dir is not None:
+                gt = self._numpy(gold[i]) if gold is not None else np.zeros((0, 4))
+                save_overlay(self.overlay_dir / Path(str(name)).with_suffix(".png"), (images[i, 0] + 1.0) * 0.5,
+                             gt, boxes)
+
+    def write(self, engine=None) -> None:
+        write_json_atomic(self.predictions_file, self.predictions)
+        n_boxes = sum(len(b) for b in self.predictions.values())
+        logger.info(f"NOVA predictions: {n_boxes} box(es) on {len(self.predictions)} image(s) -> "
+                    f"{self.predictions_file}" + (f"; overlays in {self.overlay_dir}" if self.overlay_dir else ""))
 
 
 # --------------------------------------------------------------------------------------- metrics
