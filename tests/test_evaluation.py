@@ -1,0 +1,377 @@
+"""The cond_ddpm evaluation protocol and inference: hand-made protocol cases, input checks, and the
+evaluate / inference configs run as users run them on the demo data."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from custom_components.evaluation import AnomalyProtocol, VolumeReconstructionInferer, fpr_label
+from custom_components.inference import InputError, PrepareInputd, check_volume, inference_items, resolve_threshold
+from tests.conftest import REPO, run_bundle
+
+BUNDLE = "cond_ddpm"
+EVALUATE = ["train.yaml", "demo.yaml", "evaluate.yaml"]
+INFERENCE = ["inference.yaml", "demo.yaml"]
+TINY = ["--channels", "[8,16,16]", "--num_res_blocks", "1", "--encoder_depth", "18", "--pixel_unshuffle", "2"]
+FAST = ["--noise_type", "gaussian", "--recon_timesteps", "[500]", "--num_workers", "0"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A randomly initialised tiny ConditionalDDPM saved as a plain state_dict (what training writes)."""
+    from custom_components.networks.diffusion_unet import ConditionalDDPM
+
+    torch.manual_seed(0)
+    model = ConditionalDDPM(channels=(8, 16, 16), num_res_blocks=1, encoder_depth=18, pixel_unshuffle=2)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# protocol on hand-made volumes
+# ----------------------------------------------------------------------------------------------
+
+SHAPE = (80, 80, 50)
+BRAIN = (slice(10, 70), slice(10, 70), slice(5, 45))  # 60 x 60 x 40 = 144000 voxels
+
+
+def _volume(background: float, block: tuple, value: float) -> tuple[np.ndarray, np.ndarray]:
+    """(residual-as-image, brain mask): ``background`` in the brain, ``value`` in ``block``."""
+    image = np.zeros(SHAPE, np.float32)
+    mask = np.zeros(SHAPE, bool)
+    mask[BRAIN] = True
+    image[BRAIN] = background
+    image[block] = value
+    return image, mask
+
+
+def test_protocol_thresholds_and_scores_on_hand_made_volumes():
+    # healthy: 0.2 in the brain and a 16^3 block at 0.9. After the 5^3 median filter the block keeps
+    # 12^3 + 3*2*12*12 = 3608 voxels (edges and corners go), 2.5 % of the 144000 brain voxels, so
+    # 1 % FPR needs t = 0.9 while 5 % and 10 % allow everything above 0.2.
+    healthy, mask = _volume(0.2, (slice(30, 46), slice(30, 46), slice(15, 31)), 0.9)
+    # lesion volume: a 12^3 block at 0.8 (= the segmentation) in 0.2; the median filter keeps
+    # (2+8)^3 + 3*2*8*8 = 1384 of its 1728 voxels, so any threshold in [0.2, 0.8) gives Dice
+    # 2*1384 / (1384 + 1728).
+    lesion_block = (slice(30, 42), slice(30, 42), slice(15, 27))
+    lesion, _ = _volume(0.2, lesion_block, 0.8)
+    seg = np.zeros(SHAPE, bool)
+    seg[lesion_block] = True
+    zero = np.zeros(SHAPE, np.float32)  # reconstruction 0: residual = intensity
+    expected_dice = 2 * 1384 / (1384 + 1728)
+
+    protocol = AnomalyProtocol(threshold_method="bisection")
+    assert protocol.add("healthy", "IXI", "IXI_val_fold0", "h", healthy, zero, mask) is None
+    assert protocol.add("val", "Set", "Set_val", "v", lesion, zero, mask, seg) is None
+    result = protocol.add("test", "Set", "Set_test", "t", lesion, zero, mask, seg)
+    assert result["prediction"].sum() == 1384 and result["prediction"][lesion_block].sum() == 1384
+
+    assert protocol.fpr == {"1%": pytest.approx(0.9), "5%": pytest.approx(0.2), "10%": pytest.approx(0.2)}
+    report = protocol.thresholds["Set"]["methods"]
+    for method in ("bisection", "exact"):
+        assert 0.2 <= report[method]["threshold"] < 0.8
+        assert report[method]["val_dice"] == pytest.approx(expected_dice)
+
+    row = result["row"]
+    assert row["dice"] == pytest.approx(expected_dice) and row["exact_dice"] == pytest.approx(expected_dice)
+    assert row["best_dice"] == pytest.approx(expected_dice)
+    assert row["fpr1%_dice"] == 0.0  # nothing lies above 0.9
+    assert row["fpr5%_dice"] == pytest.approx(expected_dice)
+    assert row["precision"] == 1.0 and row["lesion_voxels"] == 1728
+
+    results = protocol.finish()
+    assert results["IXI"]["fpr_thresholds"]["1%"] == pytest.approx(0.9)
+    entry = results["Set"]
+    assert entry["threshold_method"] == "bisection" and entry["thresholds"]["found_on"] == "Set_val"
+    assert entry["metrics"]["dice"]["mean"] == pytest.approx(expected_dice) and entry["metrics"]["dice"]["n"] == 1
+    assert "fpr" in entry["metrics"]  # the false-positive rate itself is a metric too
+    assert entry["metrics_at_exact"]["dice"]["mean"] == pytest.approx(expected_dice)
+    assert entry["fpr"]["1%"]["metrics"]["dice"]["mean"] == 0.0
+
+
+def test_protocol_refuses_out_of_order_volumes():
+    image, mask = _volume(0.2, (slice(30, 40),) * 3, 0.8)
+    seg = image > 0.5
+    zero = np.zeros(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="healthy IXI validation split first"):
+        AnomalyProtocol().add("val", "Set", "Set_val", "v", image, zero, mask, seg)
+    protocol = AnomalyProtocol()
+    protocol.add("healthy", "IXI", "IXI_val_fold0", "h", image, zero, mask)
+    with pytest.raises(ValueError, match="No Set validation volume"):
+        protocol.add("test", "Set", "Set_test", "t", image, zero, mask, seg)
+    with pytest.raises(ValueError, match="Set_val volume v: residual contains NaN"):
+        protocol.add("val", "Set", "Set_val", "v", image, np.full(SHAPE, np.nan, np.float32), mask, seg)
+
+
+def test_fpr_label():
+    assert [fpr_label(r) for r in (0.01, 0.05, 0.1)] == ["1%", "5%", "10%"]
+
+
+# ----------------------------------------------------------------------------------------------
+# volume reconstruction: scaling, slice order, intensity baseline
+# ----------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """A slice inferer that records its input and returns ``fn(input)``."""
+
+    def __init__(self, fn):
+        self.fn, self.seen = fn, None
+
+    def __call__(self, inputs, network):
+        self.seen = inputs.clone()
+        return self.fn(inputs)
+
+
+def test_volume_inferer_scales_and_keeps_slice_order():
+    volumes = torch.rand(2, 1, 8, 6, 5)
+    identity = _Recorder(lambda x: x)
+    out = VolumeReconstructionInferer(identity)(volumes, network=None)
+    assert out.shape == volumes.shape and torch.allclose(out, volumes, atol=1e-6)
+    # the slice batch holds volume n's slice z at n * D + z, scaled to [-1, 1]
+    assert identity.seen.shape == (10, 1, 8, 6)
+    assert torch.allclose(identity.seen[1 * 5 + 3], volumes[1, :, :, :, 3] * 2 - 1)
+    black = VolumeReconstructionInferer(_Recorder(lambda x: x * 0 - 1))  # -1 in the diffusion range is 0
+    assert torch.equal(black(volumes, None), torch.zeros_like(volumes))
+    overshoot = VolumeReconstructionInferer(_Recorder(lambda x: x * 0 + 5))  # clipped to 1
+    assert torch.equal(overshoot(volumes, None), torch.ones_like(volumes))
+    baseline = VolumeReconstructionInferer(None, reconstruction="none")
+    assert torch.equal(baseline(volumes, network=None), torch.zeros_like(volumes))
+    with pytest.raises(ValueError, match="reconstruction must be one of"):
+        VolumeReconstructionInferer(identity, reconstruction="gan")
+
+
+# ----------------------------------------------------------------------------------------------
+# inference inputs and thresholds
+# ----------------------------------------------------------------------------------------------
+
+
+def _nifti(path, data, spacing=1.0):
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
+    return path
+
+
+def _brain(shape=(100, 100, 100)) -> np.ndarray:
+    data = np.zeros(shape, np.float32)
+    data[20:80, 20:80, 20:80] = np.linspace(0.1, 1.0, 60, dtype=np.float32)
+    return data
+
+
+def test_input_checks_name_the_file_and_the_problem(tmp_path):
+    good = _nifti(tmp_path / "good_t2.nii.gz", _brain())
+    assert check_volume(good)["brain_voxels"] == 60**3
+    cases = {
+        "empty.nii.gz": (np.zeros((100, 100, 100), np.float32), 1.0, "contains no brain"),
+        "series.nii.gz": (np.stack([_brain(), _brain()], -1), 1.0, r"is 4D with shape \(100, 100, 100, 2\)"),
+        "coarse.nii.gz": (_brain(), 2.0, r"voxel spacing \(2.0, 2.0, 2.0\) mm"),
+        "small.nii.gz": (_brain((40, 100, 100)), 1.0, r"shape \(40, 100, 100\) is not that of a 1 mm brain"),
+    }
+    for name, (data, spacing, message) in cases.items():
+        path = _nifti(tmp_path / name, data, spacing)
+        with pytest.raises(InputError, match=f"{path}: {message}"):
+            inference_items(path)
+    # a folder: every problem in one error, good files not listed
+    with pytest.raises(InputError, match="4 of 5 input") as error:
+        inference_items(tmp_path)
+    assert all(name in str(error.value) for name in cases) and "good_t2" not in str(error.value)
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    with pytest.raises(InputError, match="no brain mask for it in .*good_mask.nii.gz"):
+        inference_items(good, masks)
+    _nifti(masks / "good_mask.nii.gz", np.zeros((100, 100, 100), np.uint8))
+    with pytest.raises(InputError, match="its brain mask good_mask.nii.gz is empty"):
+        inference_items(good, masks)
+    _nifti(masks / "good_mask.nii.gz", (_brain() > 0).astype(np.uint8))
+    (item,) = inference_items(good, masks)
+    assert item["name"] == "good_t2" and item["source_mask"].endswith("good_mask.nii.gz")
+    with pytest.raises(InputError, match="is the input folder"):
+        inference_items(tmp_path, output_dir=tmp_path)
+
+    # an item with the image only (as MONAI Label sends it) is completed and checked on loading
+    item = PrepareInputd()({"image": str(good)})
+    assert item["mask"] == str(good) and item["name"] == "good_t2" and item["source_mask"] == ""
+    with pytest.raises(InputError, match="empty.nii.gz: contains no brain"):
+        PrepareInputd()({"image": str(tmp_path / "empty.nii.gz")})
+
+
+def test_resolve_threshold(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"Brats21": {"threshold": 0.25}, "IXI": {"fpr_thresholds": {"5%": 0.5, "0.1": 0.7}}}))
+    assert resolve_threshold(0.3) == 0.3 and resolve_threshold("0.3") == 0.3
+    assert resolve_threshold(str(metrics), "Brats21.threshold") == 0.25
+    assert resolve_threshold(metrics, "IXI.fpr_thresholds.5%") == 0.5
+    assert resolve_threshold(metrics, "IXI.fpr_thresholds.0.1") == 0.7  # a key with a dot in it
+    with pytest.raises(InputError, match="has no entry 'MSLUB.threshold'"):
+        resolve_threshold(metrics, "MSLUB.threshold")
+    with pytest.raises(InputError, match="neither a number nor an existing metrics.json"):
+        resolve_threshold(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# the configs, as users run them
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_names(demo_root, split):
+    return set(pd.read_csv(demo_root / "splits" / f"{split}.csv")["img_name"].str.replace(".nii.gz", ""))
+
+
+def test_evaluate_with_a_checkpoint_writes_every_output(demo_root, cache_dir, tiny_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    run_bundle(EVALUATE, BUNDLE, "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
+               "--output_dir", str(out), "--ckpt_path", str(tiny_ckpt), "--eval_sets", "['Brats21']",
+               "--save_maps", "true", *TINY, *FAST)
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results) == {"IXI", "Brats21", "settings"}
+    assert set(results["IXI"]["fpr_thresholds"]) == {"1%", "5%", "10%"}
+    brats = results["Brats21"]
+    assert brats["threshold"] == brats["thresholds"]["bisection"]["threshold"]
+    assert set(brats["thresholds"]) >= {"bisection", "exact", "found_on"}
+    assert brats["thresholds"]["found_on"] == "Brats21_val"
+    for metric in ("dice", "best_dice", "auroc", "auprc", "tpr", "fpr", "precision", "recall", "specificity",
+                   "hausdorff", "slice_auroc", "slice_auprc", "volume_score"):
+        assert set(brats["metrics"][metric]) == {"mean", "std", "n"}, metric
+    assert set(brats["fpr"]) == {"1%", "5%", "10%"} and "dice" in brats["fpr"]["5%"]["metrics"]
+    assert "dice" in brats["metrics_at_exact"]
+    settings = results["settings"]
+    assert settings["ckpt_path"] == str(tiny_ckpt) and settings["reconstruction"] == "ddpm"
+    assert settings["timesteps"] == [500] and settings["noise_type"] == "gaussian" and settings["fold"] == 0
+
+    rows = pd.read_csv(out / "per_volume.csv")
+    test_names = _split_names(demo_root, "Brats21_test")
+    assert set(rows["name"]) == test_names and (rows["dataset"] == "Brats21").all()
+    assert rows["dice"].between(0, 1).all()
+    for name in test_names:
+        maps = {kind: nib.load(out / "maps" / "Brats21" / f"{name}_{kind}.nii.gz")
+                for kind in ("residual", "mask", "pred", "seg")}
+        assert all(m.shape == (96, 96, 50) for m in maps.values())
+        assert np.allclose(maps["residual"].header.get_zooms(), 2.0)  # the model grid
+        pred, seg, brain = (maps[k].get_fdata() for k in ("pred", "seg", "mask"))
+        assert set(np.unique(pred)) <= {0, 1} and not (pred > brain).any()
+        # the saved segmentation is the one scored: its Dice against the saved ground truth is the CSV's
+        truth = (seg > 0) & (brain > 0)
+        dice = 2 * np.sum((pred > 0) & truth) / (np.sum(pred > 0) + np.sum(truth))
+        assert dice == pytest.approx(rows.set_index("name").loc[name, "dice"], abs=1e-9)
+    assert (out / "Brats21_grid.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(out.rglob(".*tmp*"))
+
+
+def test_intensity_baseline_needs_no_checkpoint_and_logs_to_mlflow(demo_root, cache_dir, tmp_path):
+    out = tmp_path / "baseline"
+    run_bundle(EVALUATE, BUNDLE, "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
+               "--output_dir", str(out), "--reconstruction", "none", "--ckpt_path", str(tmp_path / "none.pt"),
+               "--eval_sets", "['Brats21']", "--num_workers", "0", "--tracking", "mlflow")
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["settings"]["reconstruction"] == "none" and results["settings"]["ckpt_path"] is None
+    assert results["Brats21"]["n_test_volumes"] == len(_split_names(demo_root, "Brats21_test"))
+    assert not (out / "maps").exists()  # save_maps is off by default
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = runs[0].data.metrics
+    assert logged["Brats21/dice"] == pytest.approx(results["Brats21"]["metrics"]["dice"]["mean"])
+    assert logged["IXI/fpr5pct_threshold"] == pytest.approx(results["IXI"]["fpr_thresholds"]["5%"])
+
+
+def test_evaluate_without_checkpoint_fails_clearly(demo_root, tmp_path):
+    with pytest.raises(AssertionError, match=r"checkpoint .*missing\.pt does not exist"):
+        run_bundle(EVALUATE, BUNDLE, "--dataset_dir", str(demo_root), "--output_dir", str(tmp_path),
+                   "--ckpt_path", str(tmp_path / "missing.pt"))
+
+
+@pytest.fixture(scope="module")
+def user_scan(demo_root, tmp_path_factory):
+    """A BraTS-like demo volume copied to a user folder, with its mask in another folder."""
+    folder = tmp_path_factory.mktemp("user")
+    name = sorted(_split_names(demo_root, "Brats21_test"))[0]
+    image = folder / "scans" / f"{name}_t2.nii.gz"
+    image.parent.mkdir()
+    shutil.copy(demo_root / "Test" / "Brats21" / "t2" / f"{name}_t2.nii.gz", image)
+    masks = folder / "masks"
+    masks.mkdir()
+    shutil.copy(demo_root / "Test" / "Brats21" / "mask" / f"{name}_mask.nii.gz", masks)
+    return image, masks
+
+
+def test_inference_round_trip_in_the_input_grid(user_scan, tiny_ckpt, tmp_path):
+    image, masks = user_scan
+    before = (image.read_bytes(), image.stat().st_mtime_ns)
+    out = tmp_path / "out"
+    run_bundle(INFERENCE, BUNDLE, "--input", str(image.parent), "--input_mask", str(masks), "--output_dir", str(out),
+               "--ckpt_path", str(tiny_ckpt), "--threshold", "0.3", *TINY, *FAST)
+    assert (image.read_bytes(), image.stat().st_mtime_ns) == before
+    source = nib.load(image)
+    stem = image.name[: -len(".nii.gz")]
+    anomaly, seg = nib.load(out / f"{stem}_anomaly.nii.gz"), nib.load(out / f"{stem}_seg.nii.gz")
+    for output in (anomaly, seg):
+        assert output.shape == source.shape and np.allclose(output.affine, source.affine)
+    assert set(np.unique(seg.get_fdata())) <= {0, 1} and seg.get_data_dtype() == np.uint8
+    values = anomaly.get_fdata()
+    assert values.min() >= 0 and values.max() <= 1 and values.max() > 0
+    assert (out / f"{stem}_overlay.png").read_bytes()[:8] == PNG_MAGIC
+    written = sorted(p.name for p in out.iterdir())  # nothing else, no temporary files left
+    assert written == [f"{stem}_{k}" for k in ("anomaly.nii.gz", "overlay.png", "seg.nii.gz")]
+
+
+def test_inference_maps_land_on_the_input_anatomy(tmp_path):
+    """Intensity baseline on a phantom: an ellipsoid brain at 0.3 with a bright sphere (radius 15 mm) off
+    centre, in a grid that gets padded in x, kept in y and cropped in z, with a flipped x axis. The map at
+    threshold 0.5 is the sphere, so in the input grid the segmentation must sit on it."""
+    shape = (160, 192, 160)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    brain = ((x - 80) / 60) ** 2 + ((y - 96) / 75) ** 2 + ((z - 80) / 55) ** 2 <= 1
+    sphere = (x - 55) ** 2 + (y - 125) ** 2 + (z - 92) ** 2 <= 15**2
+    image = np.where(brain, 0.3, 0.0).astype(np.float32)
+    image[sphere] = 1.0
+    affine = np.array([[-1.0, 0, 0, 80], [0, 1, 0, -100], [0, 0, 1, -70], [0, 0, 0, 1]])
+    path = tmp_path / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    out = tmp_path / "out"
+    run_bundle(["inference.yaml"], BUNDLE, "--input", str(path), "--output_dir", str(out),
+               "--reconstruction", "none", "--threshold", "0.5")
+    seg_image = nib.load(out / "phantom_seg.nii.gz")
+    assert seg_image.shape == shape and np.allclose(seg_image.affine, affine)
+    seg = seg_image.get_fdata() > 0
+    dice = 2 * np.sum(seg & sphere) / (seg.sum() + sphere.sum())
+    assert dice > 0.85  # 2 mm model voxels, nearest-neighbour back to 1 mm
+    assert np.allclose(np.argwhere(seg).mean(0), [55, 125, 92], atol=1.0)
+    anomaly = nib.load(out / "phantom_anomaly.nii.gz").get_fdata()
+    assert anomaly[55, 125, 92] == pytest.approx(1.0, abs=0.02) and anomaly[~brain].max() == 0
+
+
+def test_inference_rejects_bad_inputs_before_any_work(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    _nifti(folder / "blank.nii.gz", np.zeros((100, 100, 100), np.float32))
+    _nifti(folder / "thick.nii.gz", _brain(), spacing=3.0)
+    _nifti(folder / "series.nii.gz", np.stack([_brain()] * 2, -1))
+    with pytest.raises(AssertionError) as error:
+        run_bundle(["inference.yaml"], BUNDLE, "--input", str(folder), "--output_dir", str(tmp_path / "out"),
+                   "--reconstruction", "none", "--threshold", "0.5")
+    message = str(error.value)
+    assert "3 of 3 input(s) cannot be used" in message
+    assert "blank.nii.gz: contains no brain" in message and "thick.nii.gz: voxel spacing" in message
+    assert "series.nii.gz: is 4D" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("configs", [["inference.yaml"], INFERENCE])
+def test_inference_bundle_properties(configs):
+    folder = REPO / "bundles" / BUNDLE / "configs"
+    workflow = ConfigWorkflow(config_file=[str(folder / c) for c in configs], meta_file=str(folder / "metadata.json"),
+                              logging_file=str(folder / "logging.conf"), workflow_type="infer",
+                              bundle_root=str(REPO / "bundles" / BUNDLE))
+    workflow.initialize()
+    assert workflow.check_properties() == []
