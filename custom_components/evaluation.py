@@ -30,6 +30,7 @@ from monai.inferers import Inferer
 from torch.utils.data import ConcatDataset
 
 from custom_components import metrics as M
+from custom_components.utils import as_bool, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ __all__ = [
     "AnomalyEvaluation",
     "fpr_label",
     "flat_metrics",
-    "as_bool",
     "atomic_save_nifti",
-    "atomic_write_text",
 ]
 
 RECONSTRUCTIONS = ("ddpm", "none")
@@ -70,16 +69,6 @@ def _check_reconstruction(reconstruction: str) -> str:
 def fpr_label(rate: float) -> str:
     """The key of a false-positive-rate threshold in the outputs: 0.01 -> ``"1%"``."""
     return f"{float(rate) * 100:g}%"
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None) -> Path:
@@ -114,18 +103,6 @@ def _json_safe(value):
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def as_bool(value) -> bool:
-    """A flag from a config or the command line, where ``--save_maps true`` arrives as the string 'true'."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", "none", "null", ""):
-            return False
-        raise ValueError(f"Expected a true/false flag, got {value!r}.")
-    return bool(value)
 
 
 def checkpoint_path(path, reconstruction: str = "ddpm") -> str | None:
@@ -598,7 +575,7 @@ class AnomalyEvaluation:
         import pandas as pd
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps(_json_safe(results), indent=2) + "\n")
+        write_text_atomic(self.output_dir / "metrics.json", json.dumps(_json_safe(results), indent=2) + "\n")
         rows = self.protocol.all_rows()
         tmp = self.output_dir / ".per_volume.csv.tmp"
         pd.DataFrame(rows).to_csv(tmp, index=False)

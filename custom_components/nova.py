@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 
 import numpy as np
+
+from custom_components.utils import as_bool, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ __all__ = [
     "boxes_from_residual",
     "load_network_weights",
     "LoadNetworkWeights",
-    "as_bool",
     "nova_items",
     "LoadNovaImage",
     "residual_01",
@@ -49,7 +49,6 @@ __all__ = [
     "load_predictions",
     "evaluate_nova",
     "evaluate_nova_files",
-    "write_json_atomic",
     "format_summary",
 ]
 
@@ -298,18 +297,6 @@ class LoadNetworkWeights:
 
     def __call__(self, engine=None) -> None:
         load_network_weights(self.network, self.ckpt_path, map_location=self.map_location)
-
-
-def as_bool(value, name: str = "value") -> bool:
-    """A yes/no setting that may arrive as a string from the command line ("true", "False", "0", "no", ...)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0", "", "none", "null"):
-            return False
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return bool(value)
 
 
 def nova_items(metadata_file: str | os.PathLike, image_dir: str | os.PathLike,
@@ -639,24 +626,6 @@ def evaluate_nova(predictions: Mapping[str, list[dict]], records: list[dict], to
 
 
 # ------------------------------------------------------------------------------------ file-level
-def write_json_atomic(path: str | os.PathLike, obj) -> str:
-    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return str(path)
-
-
 def format_summary(metrics: Mapping) -> str:
     """One line per number, for the log."""
     lines = [f"NOVA evaluation on {metrics['n_images']} image(s)"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import ResNet
 
-RESNET_LAYERS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3])}
+RESNET_LAYERS = {10: ("basic", [1, 1, 1, 1]), 18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3])}
 BLOCK_INPLANES = [64, 128, 256, 512]
 
 
 def resnet_backbone(depth: int = 50, in_channels: int = 1) -> ResNet:
-    """A 2D ResNet-{18,34,50} without classification head (``feed_forward=False``), output stride 32."""
+    """A 2D ResNet-{10,18,34,50} without classification head (``feed_forward=False``), output stride 32."""
     if depth not in RESNET_LAYERS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYERS)}, got {depth}.")
     block, layers = RESNET_LAYERS[depth]
