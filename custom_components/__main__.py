@@ -29,7 +29,32 @@ def preview(data_root: str, split: str = "Brats21_test", out: str = "preview.png
     return run_preview(data_root, split=split, out=out, n=n, mode=mode)
 
 
-COMMANDS = {"demo_data": demo_data, "check_data": check_data, "preview": preview}
+def demo(workdir: str, force: bool = False, seed: int = 0, size: str = "default", verbose: bool = False,
+         tracking_uri: str | None = None) -> None:
+    """Run the whole pipeline on demo data in ``workdir`` (skips finished stages); writes summary.json, report.md."""
+    from custom_components.demo import DemoError, run_demo
+
+    try:
+        run_demo(workdir, force=force, seed=seed, size=size, verbose=verbose, tracking_uri=tracking_uri)
+    except DemoError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def export_bundle(bundle: str, out: str, models: str | None = None, force: bool = False) -> None:
+    """Write bundle ``bundle`` as a self-contained MONAI bundle folder ``out`` (configs, scripts, models, docs)."""
+    from custom_components.export import ExportError
+    from custom_components.export import export_bundle as run_export
+
+    try:
+        print(run_export(bundle, out, models=models, force=force).summary())
+    except ExportError as err:
+        print(f"export_bundle: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+COMMANDS = {"demo_data": demo_data, "check_data": check_data, "preview": preview, "demo": demo,
+            "export_bundle": export_bundle}
 
 
 def main() -> None:
