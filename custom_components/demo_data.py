@@ -651,7 +651,7 @@ def make_demo_data(
     overwrite: bool = False,
     workers: int = 2,
 ) -> Path:
-    """Write a synthetic data root (layout of SPEC section 2) to ``out`` and return its path.
+    """Write a synthetic data root (the layout of the distributed preprocessed data) to ``out`` and return its path.
 
     ``n_ixi`` healthy IXI-like T2 volumes (plus two subjects listed in the fold CSVs without a T2 file),
     ``n_brats`` BraTS21-like and ``n_mslub`` MSLUB-like volumes (about a third go to the val CSV, the

@@ -1,4 +1,4 @@
-"""The BraTS21 / MSLUB / IXI evaluation protocol (SPEC section 5) as pieces a MONAI evaluator drives.
+"""The BraTS21 / MSLUB / IXI evaluation protocol as pieces a MONAI evaluator drives.
 
 * ``VolumeReconstructionInferer``: all axial slices of a [0, 1] volume as one batch through a [-1, 1]
   slice inferer (``ReconstructionInferer``), back to a [0, 1] volume; ``reconstruction="none"`` gives

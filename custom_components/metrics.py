@@ -1,4 +1,4 @@
-"""Post-processing and metrics of the BraTS21 / MSLUB / IXI evaluation protocol (SPEC section 5).
+"""Post-processing and metrics of the BraTS21 / MSLUB / IXI evaluation protocol.
 
 Volumes are numpy arrays (H, W, D) with the axial slices along the last axis. The residual map is
 masked with the brain mask eroded per slice, median filtered (3D, size 5), thresholded at a

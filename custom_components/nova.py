@@ -3,7 +3,7 @@
 Box convention inside this module: ``(y_min, x_min, y_max, x_max)`` in float pixels, rows first as
 ``skimage.measure.regionprops`` gives them. Ground truth from ``bbox_gold`` is ``(y, x, y + height,
 x + width)``; predictions come as ``{"x_min", "y_min", "x_max", "y_max", "score"}`` with the max
-exclusive (regionprops). Two metric families are computed (SPEC section 6):
+exclusive (regionprops). Two metric families are computed:
 
 * ``reference`` -- the published NOVA protocol: per image, boxes sorted by area (largest first, top 5),
   inclusive IoU (``+1`` on widths, heights and the intersection), greedy matching to the highest-IoU
@@ -215,7 +215,7 @@ def read_nova_metadata(csv_path: str | os.PathLike, caption_filter: str | None =
 # ------------------------------------------------------------------------------------ prediction
 def boxes_from_residual(residual: np.ndarray, threshold: float = 0.5, top_k: int | None = 5,
                         median_size: int | None = 5) -> list[dict]:
-    """Boxes of the anomalous regions of a 2D residual map (prediction side of SPEC section 6).
+    """Boxes of the anomalous regions of a 2D residual map (the prediction side of the NOVA protocol).
 
     Median filter (``median_size``; None or 1 = none), binarise ``> threshold``, 4-connected
     components; one box per component as regionprops gives it (min inclusive, max exclusive) with

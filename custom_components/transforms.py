@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms for the preprocessing of SPEC section 2 and the 2D slice sampling.
+"""MONAI dictionary transforms for the volume preprocessing and the 2D slice sampling.
 
 Per volume, once (cacheable): ITK curvature-flow smoothing -> crop/pad to 192x192x100 -> 1st-99th
 percentile rescale to [0, 1] inside the brain mask -> resample by 2 (B-spline images, nearest masks)
@@ -143,7 +143,7 @@ class BinarizeLabelsd(MapTransform):
 class RandAxialSliced(Randomizable, MapTransform):
     """Random axial slices (last axis) among those with brain, for every key: (C,H,W,D) -> (C,H,W).
 
-    ``num_samples=1`` gives one slice per volume (SPEC: an epoch is one slice per volume); more give a list
+    ``num_samples=1`` gives one slice per volume (an epoch is one slice per volume, as in the reference); more give a list
     of slices that the DataLoader flattens into the batch. The chosen index is stored under ``"slice"``.
     """
 
