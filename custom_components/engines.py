@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -37,9 +38,11 @@ class ResumableCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict = {**self.save_dict, "trainer": engine}
-        CheckpointSaver(self.checkpoint_dir, self.save_dict, save_interval=self.save_interval, n_saved=1).attach(engine)
-        engine.add_event_handler(Events.STARTED, self)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.prune)
+        engine.add_event_handler(Events.STARTED, self)  # every process resumes
+        if idist.get_rank() == 0:  # one process writes (and prunes) the checkpoints
+            CheckpointSaver(self.checkpoint_dir, self.save_dict, save_interval=self.save_interval,
+                            n_saved=1).attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.prune)
 
     def prune(self, engine: Engine) -> None:
         """Delete epoch checkpoints older than the latest (those a previous, interrupted run left)."""

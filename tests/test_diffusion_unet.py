@@ -161,3 +161,13 @@ def test_loading_a_backbone_without_encoder_names_the_file(tmp_path):
     path, _ = _saved_backbone(tmp_path)
     with pytest.raises(ValueError, match="model.pt"):
         ConditionalDDPM(**TINY, conditioning="none").load_backbone(path)
+
+
+def test_condition_encoder_sees_the_contrastive_encoders_range():
+    """Slices reach the DDPM in [-1, 1]; its encoder, pretrained on [0, 1] slices, must see them in [0, 1]."""
+    torch.manual_seed(0)
+    model = ConditionalDDPM(channels=(8, 16, 16), num_res_blocks=1, encoder_depth=18, pixel_unshuffle=2).eval()
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x), model.encoder((x + 1) / 2))
+        assert (model.encode(x) - model.encoder(x)).abs().max() > 1e-3

@@ -288,8 +288,9 @@ class ConditionalDDPM(nn.Module):
         return 2 ** (len(self.unet.block_out_channels) - 1) * self.pixel_unshuffle
 
     def encode(self, context: torch.Tensor) -> torch.Tensor | None:
-        """The condition vector (B, cond_dim) of the clean image ``context``; ``None`` when unconditioned."""
-        return self.encoder(context) if self.encoder is not None else None
+        """The condition vector (B, cond_dim) of the clean image ``context`` in the diffusion range [-1, 1];
+        ``None`` when unconditioned. The encoder sees [0, 1], the range the contrastive encoder was trained on."""
+        return self.encoder((context + 1) / 2) if self.encoder is not None else None
 
     def forward(
         self,
@@ -313,7 +314,7 @@ class ConditionalDDPM(nn.Module):
             if cond is None:
                 if context is None:
                     raise ValueError("ConditionalDDPM is conditioned: pass the conditioning image as `context`.")
-                cond = self.encoder(context)
+                cond = self.encode(context)
         else:
             cond = None
         r = self.pixel_unshuffle

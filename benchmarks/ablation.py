@@ -1,0 +1,254 @@
+"""Ablations of the method on demo data, each trained and evaluated through the bundle configs (demo profiles).
+
+Variants of cond_ddpm (all with the same data, seed and training budget):
+
+* ``full``:            conditioning encoder started from the contrastive encoder pretrained on the same data
+* ``random_encoder``:  conditioning encoder randomly initialised (no ``--encoder_ckpt``)
+* ``unconditioned``:   plain DDPM (``--conditioning false``)
+* ``gaussian``:        the full model with Gaussian instead of simplex noise (``--noise_type gaussian``)
+
+plus the intensity baseline (``--reconstruction none``). Every variant is evaluated with cond_ddpm's
+``evaluate.yaml`` (threshold found on each data set's val split, scored on its test split) and on the
+NOVA-like images with nova_eval's ``inference.yaml`` + ``evaluate.yaml``; one table is printed at the end and
+written to ``WORKDIR/ablation.json`` and ``WORKDIR/ablation.md``.
+
+    python benchmarks/ablation.py --workdir DIR [--epochs N] [--encoder_epochs N] [--size default|tiny]
+        [--data_root DEMO_DATA_DIR] [--variants full,gaussian] [--seed 0] [--force]
+
+The stages, their sizes and the command runner are the one-command demo's (``custom_components.demo``);
+logs go to ``WORKDIR/logs/<stage>.log``. Finished stages are skipped when run again with the same
+commands (``--force`` reruns everything). Takes several times the demo's duration: not for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from custom_components.demo import (  # noqa: E402
+    PROFILES,
+    DemoError,
+    Stage,
+    _clear,
+    _display,
+    _read_json,
+    bundle_command,
+    run_stage,
+    summarize_results,
+)
+
+VARIANTS = {
+    "full": {"pretrained_encoder": True, "ids": {}},
+    "random_encoder": {"pretrained_encoder": False, "ids": {}},
+    "unconditioned": {"pretrained_encoder": False, "ids": {"conditioning": False}},
+    "gaussian": {"pretrained_encoder": True, "ids": {"noise_type": "gaussian"}},
+}
+DESCRIPTIONS = {
+    "full": "pretrained contrastive encoder + conditional DDPM, simplex noise",
+    "random_encoder": "conditioning encoder randomly initialised",
+    "unconditioned": "unconditioned DDPM",
+    "gaussian": "full model, Gaussian noise",
+    "baseline": "intensity baseline (no model)",
+}
+STATE_FILE = "ablation_state.json"
+
+
+@dataclass
+class Job:
+    """A demo stage plus the stages whose outputs it reads (it reruns when one of them ran)."""
+
+    stage: Stage
+    depends: list[str] = field(default_factory=list)
+
+
+def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs: int | None,
+         data_root: Path | None, variants: list[str]) -> list[Job]:
+    """The ablation's stages: data (unless given), encoder, and per variant train / evaluate / NOVA boxes / metrics."""
+    profile = PROFILES[size]
+    data = data_root or workdir / "data"
+    cache = workdir / "cache"
+    common = {"dataset_dir": data, "cache_dir": cache, "seed": seed}
+    network = profile["network"]
+    jobs: list[Job] = []
+    if data_root is None:
+        data_args = [f"--{k}={v}" for k, v in profile["data"].items()]
+        jobs.append(Job(Stage("data", [sys.executable, "-m", "custom_components", "demo_data", "--out", str(data),
+                                       f"--seed={seed}", *data_args],
+                              outputs=[data / "demo_data.json"], folder=data, description="demo data")))
+    data_deps = ["data"] if data_root is None else []
+
+    encoder = workdir / "encoder" / "model.pt"
+    if any(VARIANTS[v]["pretrained_encoder"] for v in variants):
+        enc = {**profile["encoder"], **({"epochs": encoder_epochs} if encoder_epochs else {})}
+        if "val_interval" in enc:
+            enc["val_interval"] = min(int(enc["val_interval"]), int(enc["epochs"]))
+        jobs.append(Job(Stage("encoder", bundle_command("contrastive_encoder", ["train.yaml", "demo.yaml"], {
+            **common, "output_dir": workdir / "encoder", **enc}),
+            outputs=[encoder], folder=workdir / "encoder", description="contrastive encoder pretraining"),
+            depends=data_deps))
+
+    train = {**profile["cond_ddpm"], **({"epochs": epochs} if epochs else {})}
+    # a validation at least once, so that the best checkpoint (models/model.pt) is written
+    train["val_interval"] = min(int(train.get("val_interval", 1)), int(train["epochs"]))
+    for variant in variants:
+        spec = VARIANTS[variant]
+        v = workdir / variant
+        ids = {**network, **spec["ids"]}
+        ckpt = v / "cond_ddpm" / "model.pt"
+        train_ids = {**common, "output_dir": v / "cond_ddpm", **ids, **train}
+        if spec["pretrained_encoder"]:
+            train_ids["encoder_ckpt"] = encoder
+        eval_dir, nova = v / "eval" / "model", v / "nova"
+        jobs += [
+            Job(Stage(f"{variant}_train", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml"], train_ids),
+                      outputs=[ckpt], folder=v / "cond_ddpm",
+                      description=f"cond_ddpm training: {DESCRIPTIONS[variant]}"),
+                depends=data_deps + (["encoder"] if spec["pretrained_encoder"] else [])),
+            Job(Stage(f"{variant}_eval", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+                **common, "output_dir": eval_dir, "ckpt_path": ckpt, "reconstruction": "ddpm", **ids,
+                **profile["evaluate"]}),
+                outputs=[eval_dir / "metrics.json"], folder=eval_dir, description=f"evaluation: {variant}"),
+                depends=[f"{variant}_train"]),
+            Job(Stage(f"{variant}_nova_predict", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
+                "dataset_dir": data, "ckpt_path": ckpt, "output_dir": nova,
+                "predictions_file": nova / "predictions.json", "seed": seed, **ids, **profile["nova"]}),
+                outputs=[nova / "predictions.json"], folder=nova, description=f"NOVA boxes: {variant}"),
+                depends=[f"{variant}_train"]),
+            Job(Stage(f"{variant}_nova_metrics", bundle_command("nova_eval", ["evaluate.yaml"], {
+                "dataset_dir": data, "output_dir": nova, "predictions_file": nova / "predictions.json",
+                "metadata_file": data / "NOVA" / "metadata.csv", "output_file": nova / "metrics.json"}),
+                outputs=[nova / "metrics.json"], folder=nova / "metrics.json", description=f"NOVA metrics: {variant}"),
+                depends=[f"{variant}_nova_predict"]),
+        ]
+    base = workdir / "baseline" / "eval" / "baseline"
+    jobs.append(Job(Stage("baseline_eval", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+        **common, "output_dir": base, "reconstruction": "none", **network, **profile["evaluate"]}),
+        outputs=[base / "metrics.json"], folder=base, description="intensity baseline evaluation"),
+        depends=data_deps))
+    return jobs
+
+
+def run(jobs: list[Job], workdir: Path, force: bool, verbose: bool) -> dict:
+    """Run the jobs in order; a job is skipped when it finished earlier with the same command, its outputs
+    exist and none of the jobs it depends on ran now; a job that runs starts from an empty output folder.
+    Returns the seconds per job."""
+    state = (None if force else _read_json(workdir / STATE_FILE)) or {}
+    ran: set[str] = set()
+    for job in jobs:
+        stage, command = job.stage, _display(job.stage.command)
+        record = state.get(stage.name) or {}
+        done = (record.get("command") == command and record.get("finished")
+                and all(p.exists() for p in stage.outputs) and not ran.intersection(job.depends))
+        if done:
+            print(f"[{stage.name}] done earlier ({record.get('seconds', 0):.0f} s), skipped", flush=True)
+            continue
+        _clear(stage.folder)
+        if stage.name == "data":
+            _clear(workdir / "cache")  # the cache is keyed on file paths, not on their content
+        print(f"[{stage.name}] {stage.description}\n  $ {command}", flush=True)
+        state[stage.name] = {"finished": False, "command": command}
+        _save_state(workdir, state)
+        start = time.perf_counter()
+        run_stage(stage, workdir / "logs" / f"{stage.name}.log", verbose)
+        seconds = time.perf_counter() - start
+        state[stage.name] = {"finished": True, "seconds": round(seconds, 1), "command": command}
+        _save_state(workdir, state)
+        ran.add(stage.name)
+        print(f"[{stage.name}] finished in {seconds:.0f} s", flush=True)
+    return {name: record.get("seconds") for name, record in state.items()}
+
+
+def _save_state(workdir: Path, state: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(workdir / STATE_FILE)
+
+
+def collect(workdir: Path, variants: list[str]) -> list[dict]:
+    """One row per variant (and the baseline): test-split means of Dice and AUPRC per data set, NOVA mAP@30."""
+    rows = []
+    for name in [*variants, "baseline"]:
+        summary = summarize_results(workdir / name)
+        kind = "baseline" if name == "baseline" else "model"
+        row = {"variant": name, "description": DESCRIPTIONS[name]}
+        for dataset, entry in summary["datasets"].items():
+            if dataset == "IXI":
+                continue
+            values = entry.get(kind) or {}
+            row[f"{dataset} dice"] = values.get("dice")
+            row[f"{dataset} auprc"] = values.get("auprc")
+        nova = (summary.get("nova") or {}).get("reference") or {}
+        row["NOVA mAP@30"] = nova.get("mAP@30")
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (missing values as a dash)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row if k != "description"))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row.get(c) for c in columns]
+        lines.append("| " + " | ".join("–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+                                       for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="work folder (created; finished stages are reused)")
+    parser.add_argument("--epochs", type=int, default=None, help="cond_ddpm training epochs of every variant "
+                        "(default: the demo profile's)")
+    parser.add_argument("--encoder_epochs", type=int, default=None, help="contrastive encoder epochs "
+                        "(default: the demo profile's)")
+    parser.add_argument("--size", choices=sorted(PROFILES), default="default", help="demo profile (data and networks)")
+    parser.add_argument("--data_root", default=None, help="an existing demo data root (default: generate one)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rerun every stage")
+    parser.add_argument("--verbose", action="store_true", help="show the stages' output on the console")
+    args = parser.parse_args(argv)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if args.epochs is not None and args.epochs < 1 or args.encoder_epochs is not None and args.encoder_epochs < 1:
+        parser.error("--epochs and --encoder_epochs must be at least 1")
+    workdir = Path(args.workdir).expanduser().absolute()
+    data_root = Path(args.data_root).expanduser().absolute() if args.data_root else None
+    if data_root is not None and not (data_root / "splits").is_dir():
+        parser.error(f"--data_root {data_root} has no splits/ folder: not a data root")
+
+    jobs = plan(workdir, args.size, args.seed, args.epochs, args.encoder_epochs, data_root, variants)
+    try:
+        seconds = run(jobs, workdir, args.force, args.verbose)
+    except DemoError as err:
+        print(f"ablation: {err}", file=sys.stderr)
+        return 1
+    rows = collect(workdir, variants)
+    text = table(rows)
+    settings = {"size": args.size, "seed": args.seed, "epochs": args.epochs, "encoder_epochs": args.encoder_epochs,
+                "profile": PROFILES[args.size], "data_root": str(data_root or workdir / "data")}
+    (workdir / "ablation.json").write_text(json.dumps({"settings": settings, "rows": rows, "seconds": seconds},
+                                                      indent=2) + "\n")
+    notes = "\n".join(f"- `{r['variant']}`: {r['description']}" for r in rows)
+    (workdir / "ablation.md").write_text(
+        f"# Ablations ({args.size} demo profile, seed {args.seed})\n\nTest-split means; Dice at the threshold "
+        f"found on each data set's val split; NOVA reference mAP@30 (no NOVA run for the intensity baseline).\n\n"
+        f"{text}\n\n{notes}\n")
+    print("\n" + text + "\n\n" + notes)
+    print(f"\nTable: {workdir / 'ablation.md'}; numbers: {workdir / 'ablation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
