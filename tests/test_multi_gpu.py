@@ -16,8 +16,8 @@ from custom_components.networks.backbone import resnet_backbone
 from custom_components.networks.diffusion_unet import ConditionalDDPM
 from tests.conftest import REPO
 
-# fold 2 of the tiny demo root has 6 training and 2 validation volumes: every process gets a share of both
-# (the validation sampler does not pad, so it needs at least one volume per process). Batches of one volume
+# fold 0 of the tiny demo root has a single validation volume, fewer than the 2 processes: the validation
+# sampler then pads, so both processes still validate. Batches of one volume
 # (2 slices) give each process 3 iterations: DistributedDataParallel only fails on a parameter without gradient
 # at the iteration after the one that left it out.
 TINY = ["--fold", "0", "--epochs", "1", "--num_workers", "0", "--slices_per_volume", "2", "--batch_size", "2"]
