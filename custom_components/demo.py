@@ -1,0 +1,672 @@
+"""The one-command demo: demo data -> encoder -> cond_ddpm -> evaluation (model and intensity baseline)
+-> NOVA boxes and metrics, each stage run through its bundle config exactly as a user would run it by hand.
+
+``python -m custom_components demo --workdir DIR [--force] [--seed 0] [--size default|tiny]``
+
+Every stage is a command (printed before it runs, its output in ``DIR/logs/<stage>.log``) whose output file
+marks it done; a done stage is skipped unless ``--force``, and an interrupted demo continues with the first
+unfinished stage (training resumes from its own epoch checkpoints). All stages log to one MLflow experiment
+in ``DIR/mlruns.db``. At the end ``DIR/summary.json`` and ``DIR/report.md`` are (re)written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "demo"
+STATE_FILE = "demo_state.json"
+
+# ------------------------------------------------------------------------------------------------------
+# The demo profiles: every size setting of the demo lives here. Training is budgeted in epochs (each epoch
+# draws ``slices_per_volume`` random axial slices per training volume), never in wall-clock time.
+# ``network`` holds cond_ddpm's network ids, shared by training, evaluation and NOVA inference.
+# ------------------------------------------------------------------------------------------------------
+PROFILES: dict[str, dict] = {
+    "default": {
+        "data": {"n_ixi": 40, "n_brats": 16, "n_mslub": 12, "n_nova": 24},
+        "encoder": {"epochs": 6, "batch_size": 32, "slices_per_volume": 16, "num_workers": 2},
+        "network": {},  # cond_ddpm demo.yaml: (16, 32, 64) U-Net, one res block, 2x2 pixel unshuffle, ResNet-18
+        "cond_ddpm": {"epochs": 16, "batch_size": 32, "slices_per_volume": 32, "num_workers": 2,
+                      "learning_rate": 0.001, "val_interval": 4},
+        "evaluate": {"num_workers": 2},
+        "nova": {},
+    },
+    "tiny": {  # for tests: minutes on two cores, not meant to find lesions
+        "data": {"n_ixi": 10, "n_brats": 4, "n_mslub": 4, "n_nova": 6},
+        "encoder": {"epochs": 1, "batch_size": 8, "slices_per_volume": 2, "num_workers": 0},
+        "network": {"channels": [8, 16, 16]},
+        "cond_ddpm": {"epochs": 2, "batch_size": 16, "slices_per_volume": 8, "num_workers": 0,
+                      "learning_rate": 0.002, "val_interval": 1},
+        "evaluate": {"num_workers": 0, "grid_slices": 3},
+        "nova": {},
+    },
+}
+
+
+def network_settings(size: str) -> dict:
+    """The networks a demo profile trains, read from the bundle configs it runs (plus the profile's overrides)."""
+    import yaml
+
+    def ids(bundle: str, configs: list[str]) -> dict:
+        merged: dict = {}
+        for name in configs:
+            merged.update(yaml.safe_load((REPO / "bundles" / bundle / "configs" / name).read_text()) or {})
+        return merged
+
+    encoder = {**ids("contrastive_encoder", ["train.yaml", "demo.yaml"]), **PROFILES[size]["encoder"]}
+    ddpm = {**ids("cond_ddpm", ["train.yaml", "demo.yaml"]), **PROFILES[size]["network"]}
+    paper = ids("cond_ddpm", ["train.yaml"])
+    return {
+        "contrastive_encoder": f"ResNet-{encoder.get('depth')}",
+        "conditioning_encoder": f"ResNet-{ddpm.get('encoder_depth')}",
+        "unet": {k: ddpm.get(k) for k in ("channels", "num_res_blocks", "cond_dim", "pixel_unshuffle")},
+        "note": "the demo profiles use lighter networks than the paper configs (train.yaml: "
+                f"ResNet-{paper.get('encoder_depth')} encoders, U-Net channels {paper.get('channels')}, "
+                f"{paper.get('num_res_blocks')} res blocks, no pixel unshuffle)",
+    }
+
+
+# metrics shown side by side in summary.json and report.md (means over the test volumes)
+MAIN_METRICS = ("dice", "auprc", "auroc", "slice_auroc", "slice_auprc", "precision", "recall", "specificity",
+                "fpr", "hd95")
+NOVA_METRICS = ("mAP@30", "mAP@50", "mAP@50:95", "ACC@50", "TP@30", "FP@30", "GT@30")
+
+
+class DemoError(RuntimeError):
+    """A stage that failed or a work folder that cannot be used, with what to do about it."""
+
+
+@dataclass
+class Stage:
+    """One step of the demo: a command run from the repository root and the files that mark it done."""
+
+    name: str
+    command: list[str]
+    outputs: list[Path]  # all present (and the stage recorded as finished) = done
+    folder: Path  # cleared before a fresh start (``--force``, or an earlier stage ran again)
+    artifacts: list[Path] = field(default_factory=list)  # logged to the stage's MLflow run when it finishes
+    description: str = ""
+    resumable: bool = False  # an interrupted run continues from its own checkpoints (training)
+
+
+# ------------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> Path:
+    """Write text to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _finite(obj):
+    """NaN / infinity -> None, recursively, so the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and (obj != obj or abs(obj) == float("inf")):
+        return None
+    return obj
+
+
+def _write_json(path: Path, obj) -> Path:
+    return _write_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cli_value(value) -> str:
+    """A config override as ``python -m monai.bundle run`` parses it (lists as ``[8,16,16]``)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_cli_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _overrides(pairs: dict) -> list[str]:
+    return [item for key, value in pairs.items() for item in (f"--{key}", _cli_value(value))]
+
+
+def bundle_command(bundle: str, configs: list[str], overrides: dict) -> list[str]:
+    """``python -m monai.bundle run`` for merged ``configs`` of ``bundles/<bundle>``, from the repository root."""
+    files = [f"bundles/{bundle}/configs/{c}" for c in configs]
+    config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+            "--bundle_root", f"bundles/{bundle}", *_overrides(overrides)]
+
+
+def _quote(arg: str) -> str:
+    """Shell quoting that keeps ``"['a.yaml','b.yaml']"`` readable."""
+    if shlex.quote(arg) == arg:
+        return arg
+    if not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+def _display(command: list[str]) -> str:
+    """The command as a user would type it in a shell at the repository root."""
+    return " ".join(_quote("python" if c == sys.executable else c) for c in command)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------------
+def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None = None) -> list[Stage]:
+    """The demo's stages for ``workdir``, in order, with their commands and done-marking outputs."""
+    if size not in PROFILES:
+        raise DemoError(f"size must be one of {sorted(PROFILES)}, got {size!r}.")
+    profile, w = PROFILES[size], Path(workdir).absolute()
+    data, cache = w / "data", w / "cache"
+    tracking_uri = tracking_uri or default_tracking_uri(w)
+
+    def tracking(stage: str) -> dict:
+        return {"tracking": "mlflow", "tracking_uri": tracking_uri, "experiment_name": EXPERIMENT, "run_name": stage}
+
+    common = {"dataset_dir": data, "cache_dir": cache, "seed": seed}
+    ddpm = w / "cond_ddpm" / "model.pt"
+    data_args = [f"--{k}={v}" for k, v in profile["data"].items()]
+    stages = [
+        Stage("data", [sys.executable, "-m", "custom_components", "demo_data", "--out", str(data),
+                       f"--seed={seed}", *data_args],
+              outputs=[data / "demo_data.json"], folder=data,
+              description="synthetic IXI / BraTS21 / MSLUB volumes and NOVA images in the real layout"),
+        Stage("encoder", bundle_command("contrastive_encoder", ["train.yaml", "demo.yaml"], {
+                  **common, "output_dir": w / "encoder", **profile["encoder"], **tracking("encoder")}),
+              outputs=[w / "encoder" / "model.pt"], folder=w / "encoder", artifacts=[w / "encoder" / "model.pt"],
+              description="target-invariant contrastive encoder pretraining on healthy IXI slices", resumable=True),
+        Stage("cond_ddpm", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml"], {
+                  **common, "output_dir": w / "cond_ddpm", "encoder_ckpt": w / "encoder" / "model.pt",
+                  **profile["network"], **profile["cond_ddpm"], **tracking("cond_ddpm")}),
+              outputs=[ddpm], folder=w / "cond_ddpm", artifacts=[ddpm],
+              description="conditional DDPM trained on healthy IXI slices, conditioned on the encoder", resumable=True),
+    ]
+    for stage, reconstruction in (("eval_model", "ddpm"), ("eval_baseline", "none")):
+        out = w / "eval" / stage.split("_")[1]
+        stages.append(Stage(stage, bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+            **common, "output_dir": out, "ckpt_path": ddpm, "reconstruction": reconstruction,
+            **profile["network"], **profile["evaluate"], **tracking(stage)}),
+            outputs=[out / "metrics.json"], folder=out, artifacts=[out],
+            description=("evaluation of the model" if reconstruction == "ddpm" else "intensity baseline")
+            + " on the BraTS-like and MSLUB-like splits, thresholds from the val splits and healthy IXI"))
+    nova = w / "nova"
+    stages += [
+        Stage("nova_predict", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
+                  "dataset_dir": data, "ckpt_path": ddpm, "output_dir": nova,
+                  "predictions_file": nova / "predictions.json", "save_overlays": True, "seed": seed,
+                  **profile["network"], **profile["nova"], **tracking("nova_predict")}),
+              outputs=[nova / "predictions.json"], folder=nova, artifacts=[nova / "predictions.json"],
+              description="anomaly boxes on the NOVA-like images from the model's residuals"),
+        Stage("nova_metrics", bundle_command("nova_eval", ["evaluate.yaml"], {
+                  "dataset_dir": data, "output_dir": nova, "predictions_file": nova / "predictions.json",
+                  "metadata_file": data / "NOVA" / "metadata.csv", "output_file": nova / "metrics.json",
+                  **tracking("nova_metrics")}),
+              outputs=[nova / "metrics.json"], folder=nova / "metrics.json", artifacts=[nova / "metrics.json"],
+              description="NOVA reference localisation metrics of the predicted boxes"),
+    ]
+    return stages
+
+
+def default_tracking_uri(workdir) -> str:
+    return "sqlite:///" + str(Path(workdir).absolute() / "mlruns.db")
+
+
+# ------------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------------
+def run_stage(stage: Stage, log_file: Path, verbose: bool = False) -> None:
+    """Run the stage's command from the repository root, output to ``log_file`` (and the console if verbose)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # it would take priority over the demo's --tracking_uri
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        log.write(f"\n$ {_display(stage.command)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(stage.command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            while chunk := os.read(process.stdout.fileno(), 65536):
+                log.write(chunk)
+                if verbose:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+            code = process.wait()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    if code != 0:
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
+        raise DemoError(f"stage {stage.name} failed (exit code {code}); full log: {log_file}\n"
+                        f"command: {_display(stage.command)}\n--- last lines ---\n{tail}")
+    missing = [str(p) for p in stage.outputs if not p.exists()]
+    if missing:
+        raise DemoError(f"stage {stage.name} finished but did not write {missing}; log: {log_file}")
+
+
+def _clear(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _check_workdir(workdir: Path, settings: dict, force: bool) -> dict:
+    """The recorded stage states of ``workdir``; an error when it holds a demo of other settings (unless forced)."""
+    state = _read_json(workdir / STATE_FILE)
+    if state is None:
+        if workdir.is_dir() and any(workdir.iterdir()):
+            raise DemoError(f"{workdir} exists, is not empty and holds no {STATE_FILE}: it is not a demo work "
+                            "folder, and the demo would replace folders in it. Choose another --workdir.")
+        return {"settings": settings, "stages": {}}
+    if state.get("settings") != settings and not force:
+        raise DemoError(f"{workdir} holds a demo run with other settings ({state.get('settings')}); "
+                        f"pass --force to start it again with {settings}, or choose another --workdir.")
+    if force:
+        return {"settings": settings, "stages": {}}
+    return state
+
+
+def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default", verbose: bool = False,
+             tracking_uri: str | None = None, runner: Callable[[Stage, Path, bool], None] = run_stage,
+             report: bool = True) -> Path:
+    """Run every unfinished stage of the demo in ``workdir`` and write ``summary.json`` and ``report.md``.
+
+    ``runner(stage, log_file, verbose)`` executes one stage (the default runs its command); a stage counts
+    as done when its outputs exist and it was recorded as finished; once a stage runs, every later stage
+    runs again from a clean folder, since its inputs changed. Returns the summary path.
+    """
+    workdir = Path(workdir).expanduser().absolute()
+    settings = {"size": size, "seed": int(seed), "profile": PROFILES.get(size)}
+    stages = plan(workdir, size, seed, tracking_uri)
+    state = _check_workdir(workdir, settings, force)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / STATE_FILE, state)
+    uri = tracking_uri or default_tracking_uri(workdir)
+    tracker = Tracker(uri, workdir) if report else None
+    print(f"Demo ({size}, seed {seed}) in {workdir}; commands run from {REPO}; MLflow store {uri}")
+    upstream_ran = False
+    for stage in stages:
+        record = state["stages"].get(stage.name, {})
+        done = record.get("finished") and all(p.exists() for p in stage.outputs)
+        if done and not force and not upstream_ran:
+            print(f"[{stage.name}] done earlier ({record.get('seconds', 0):.0f} s), skipped")
+            continue
+        resume = stage.resumable and record and not (force or upstream_ran or record.get("finished"))
+        if resume:
+            print(f"[{stage.name}] continuing an interrupted run")
+        else:  # start over: nothing of an earlier run (checkpoints, MLflow run) may be reused
+            _clear(stage.folder)
+            if stage.name == "data":
+                _clear(workdir / "cache")  # the cache is keyed on file paths, not on their content
+            if tracker:
+                tracker.end_unfinished(stage.name)
+        print(f"[{stage.name}] {stage.description}\n  $ {_display(stage.command)}", flush=True)
+        start = time.perf_counter()
+        state["stages"][stage.name] = {"finished": False, "command": _display(stage.command)}
+        _write_json(workdir / STATE_FILE, state)
+        runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
+        seconds = time.perf_counter() - start
+        if tracker:
+            tracker.after_stage(stage, workdir, seconds)
+        state["stages"][stage.name] = {"finished": True, "seconds": round(seconds, 1),
+                                       "command": _display(stage.command)}
+        _write_json(workdir / STATE_FILE, state)
+        upstream_ran = True
+        print(f"[{stage.name}] finished in {seconds:.0f} s", flush=True)
+    summary_path = workdir / "summary.json"
+    if report:
+        summary = write_report(workdir, stages, state, tracker, uri)
+        _write_json(summary_path, summary)
+        print_summary(summary)
+        print(f"\nSummary: {summary_path}\nReport:  {workdir / 'report.md'}\n"
+              f"MLflow:  mlflow ui --backend-store-uri {uri}")
+    return summary_path
+
+
+def print_summary(summary: dict) -> None:
+    """The model-vs-baseline table of the summary on the console."""
+    print("\n{:<10} {:<13} {:>8} {:>8}".format("dataset", "metric", "model", "baseline"))
+    for dataset, entry in summary.get("datasets", {}).items():
+        for metric in ("dice", "auprc", "auroc"):
+            values = [entry.get(k, {}).get(metric) for k in ("model", "baseline")]
+            if any(v is not None for v in values):
+                print("{:<10} {:<13} {:>8} {:>8}".format(dataset, metric,
+                                                         *("-" if v is None else f"{v:.3f}" for v in values)))
+    reference = (summary.get("nova") or {}).get("reference") or {}
+    if reference:
+        print("NOVA      " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in reference.items()))
+
+
+# ------------------------------------------------------------------------------------------------------
+# MLflow: the bundles log their own runs (``--tracking mlflow``); the demo adds what they cannot
+# ------------------------------------------------------------------------------------------------------
+def mlflow_name(key: str) -> str:
+    """A metric name MLflow accepts ('mAP@50:95' -> 'mAP_50-95')."""
+    return key.replace("@", "_").replace(":", "-").replace("%", "pct")
+
+
+class Tracker:
+    """Completes each stage's run in the demo's MLflow experiment: the stage's settings as params, its
+    checkpoint / figures / metrics files as artefacts, and a run for stages that have no engine to log one
+    (data generation, NOVA metrics)."""
+
+    def __init__(self, tracking_uri: str, workdir: Path):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:  # artefacts beside the database, as MONAI's MLFlowHandler keeps them
+            location = (Path(workdir) / "mlruns").absolute().as_uri() if tracking_uri.startswith("sqlite:") else None
+            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def runs(self, name: str):
+        """Runs of the experiment named ``name``, newest first."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"attributes.run_name = '{name}'",
+                                       order_by=["attributes.start_time DESC"])
+
+    def end_unfinished(self, name: str) -> None:
+        """Mark runs left RUNNING by an interrupted stage as KILLED, so a fresh start gets a new run."""
+        for run in self.runs(name):
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def after_stage(self, stage: Stage, workdir: Path, seconds: float) -> None:
+        runs = self.runs(stage.name)
+        if runs:
+            run_id, created = runs[0].info.run_id, False
+        else:
+            run_id, created = self.client.create_run(self.experiment_id, run_name=stage.name).info.run_id, True
+        params = {"command": _display(stage.command)[:6000], "stage_seconds": f"{seconds:.1f}"}
+        existing = self.client.get_run(run_id).data.params
+        for key, value in params.items():
+            if key not in existing:
+                self.client.log_param(run_id, key, value)
+        for key, value in stage_metrics(stage.name, workdir).items():
+            self.client.log_metric(run_id, mlflow_name(key), value)
+        configs = sorted(stage.folder.glob("config_*.json")) if stage.folder.is_dir() else []
+        for path in [*stage.artifacts, *configs[-1:]]:  # the executed config MONAI's tracking writes
+            if path.is_dir():
+                for file in sorted(path.iterdir()):
+                    if file.is_file() and file.suffix in (".json", ".png", ".csv"):
+                        self.client.log_artifact(run_id, str(file))
+            elif path.is_file():
+                self.client.log_artifact(run_id, str(path))
+        if created:
+            self.client.set_terminated(run_id, "FINISHED")
+
+    def log_files(self, name: str, files: list[Path]) -> None:
+        """Add files to the newest run ``name`` unless it has them already."""
+        runs = self.runs(name)
+        if runs:
+            have = {a.path for a in self.client.list_artifacts(runs[0].info.run_id)}
+            for file in files:
+                if file.name not in have:
+                    self.client.log_artifact(runs[0].info.run_id, str(file))
+
+    def curves(self, name: str) -> dict[str, list[tuple[int, float]]]:
+        """Per-epoch train loss (mean over the epoch's iterations) and validation loss of a training run."""
+        runs = [r for r in self.runs(name) if "val_loss" in r.data.metrics or "train_loss" in r.data.metrics]
+        if not runs:
+            return {}
+        run = runs[0]
+        out = {}
+        epoch_length = int(float(run.data.params.get("epoch_length", 0) or 0))
+        train = self.client.get_metric_history(run.info.run_id, "train_loss")
+        if train and epoch_length:
+            per_epoch: dict[int, list[float]] = {}
+            for m in train:
+                per_epoch.setdefault((m.step - 1) // epoch_length + 1, []).append(m.value)
+            out["train_loss"] = [(e, sum(v) / len(v)) for e, v in sorted(per_epoch.items())]
+        val = self.client.get_metric_history(run.info.run_id, "val_loss")
+        if val:
+            out["val_loss"] = sorted({m.step: m.value for m in val}.items())
+        return out
+
+
+def stage_metrics(stage: str, workdir: Path) -> dict[str, float]:
+    """Numbers a stage's own logging does not record: data sizes, box counts, NOVA metrics."""
+    workdir = Path(workdir)
+    if stage == "data":
+        manifest = _read_json(workdir / "data" / "demo_data.json") or {}
+        return {k: float(v) for k, v in manifest.items() if k.startswith("n_") and isinstance(v, (int, float))}
+    if stage == "nova_predict":
+        predictions = _read_json(workdir / "nova" / "predictions.json") or {}
+        return {"n_images": float(len(predictions)), "n_boxes": float(sum(len(b) for b in predictions.values()))}
+    if stage == "nova_metrics":
+        metrics = _read_json(workdir / "nova" / "metrics.json") or {}
+        return {k: float(v) for k, v in (metrics.get("reference") or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {}
+
+
+def versions() -> dict[str, str]:
+    import monai
+    import numpy
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+           "numpy": numpy.__version__, "platform": platform.platform()}
+    try:
+        import mlflow
+
+        out["mlflow"] = mlflow.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# summary.json and report.md
+# ------------------------------------------------------------------------------------------------------
+def _number(value):
+    """A finite float, or None (NaN, missing, not a number)."""
+    if isinstance(value, dict):
+        value = value.get("mean")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _eval_entry(metrics: dict | None, dataset: str) -> dict | None:
+    entry = (metrics or {}).get(dataset)
+    if not isinstance(entry, dict) or "metrics" not in entry:
+        return None
+    values = {m: _number(entry["metrics"].get(m)) for m in MAIN_METRICS if m in entry["metrics"]}
+    values.update(threshold=_number(entry.get("threshold")), val_dice=_number(entry.get("val_dice")))
+    return values
+
+
+def summarize_results(workdir: Path) -> dict:
+    """Per data set the main metrics of the model and of the intensity baseline side by side, and NOVA's."""
+    workdir = Path(workdir)
+    results = {kind: _read_json(workdir / "eval" / kind / "metrics.json") for kind in ("model", "baseline")}
+    datasets: dict[str, dict] = {}
+    names = [k for r in results.values() if r for k in r if k not in ("settings", "IXI")]
+    for dataset in dict.fromkeys(names):
+        source = next(r[dataset] for r in results.values() if r and dataset in r)
+        datasets[dataset] = {
+            "test_split": source.get("test_split"), "n_test_volumes": source.get("n_test_volumes"),
+            "threshold_found_on": (source.get("thresholds") or {}).get("found_on"),
+            "threshold_method": source.get("threshold_method"),
+            **{kind: _eval_entry(results[kind], dataset) for kind in results},
+        }
+    healthy = next((r["IXI"] for r in results.values() if r and "IXI" in r), None)
+    if healthy:
+        datasets["IXI"] = {
+            "split": healthy.get("split"), "n_volumes": healthy.get("n_volumes"),
+            "role": "healthy reference: thresholds at 1/5/10 % voxel false-positive rate",
+            **{kind: {"fpr_thresholds": {k: _number(v) for k, v in ((r or {}).get("IXI") or {})
+                                         .get("fpr_thresholds", {}).items()}} for kind, r in results.items()},
+        }
+    nova = _read_json(workdir / "nova" / "metrics.json")
+    nova_summary = None
+    if nova:
+        nova_summary = {"reference": {k: nova.get("reference", {}).get(k) for k in NOVA_METRICS
+                                      if k in nova.get("reference", {})},
+                        "score_ranked": nova.get("score_ranked"), "n_images": nova.get("n_images")}
+    return {"datasets": datasets, "nova": nova_summary}
+
+
+def _training_curves(tracker: Tracker | None, out: Path) -> Path | None:
+    """Train / validation loss per epoch of the two training stages, read back from the MLflow store."""
+    if tracker is None:
+        return None
+    curves = {name: tracker.curves(name) for name in ("encoder", "cond_ddpm")}
+    if not any(curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from custom_components.preview import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (name, series) in zip(axes, curves.items()):
+        for key, points in series.items():
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key.replace("_", " "))
+        ax.set_title(f"{name} (MLflow run '{name}')", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def _previews(workdir: Path) -> list[Path]:
+    """Data preview grids (slice with the largest lesion, outlined) of the BraTS-like and MSLUB-like test splits."""
+    from custom_components.preview import preview
+
+    manifest = workdir / "data" / "demo_data.json"
+    figures = []
+    for split in ("Brats21_test", "MSLUB_test"):
+        out = workdir / "figures" / f"data_{split}.png"
+        if (workdir / "data" / "splits" / f"{split}.csv").is_file():
+            if not out.is_file() or out.stat().st_mtime < manifest.stat().st_mtime:
+                preview(workdir / "data", split=split, out=out, n=6)
+            figures.append(out)
+    return figures
+
+
+def _describe(networks: dict) -> str:
+    unet = networks["unet"]
+    return (f"{networks['contrastive_encoder']} contrastive encoder, {networks['conditioning_encoder']} conditioning "
+            f"encoder, U-Net channels {unet['channels']} with {unet['num_res_blocks']} res block(s) on "
+            f"{unet['pixel_unshuffle']}x{unet['pixel_unshuffle']} pixel-unshuffled slices; {networks['note']}")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Tracker | None, uri: str) -> dict:
+    """Build the summary (returned, for ``summary.json``) and write ``report.md`` with its figures."""
+    workdir = Path(workdir)
+    size, seed = state["settings"]["size"], state["settings"]["seed"]
+    results = summarize_results(workdir)
+    stage_info = {s.name: {"seconds": state["stages"].get(s.name, {}).get("seconds"),
+                           "command": _display(s.command)} for s in stages}
+    total = sum(v["seconds"] or 0 for v in stage_info.values())
+    previews = _previews(workdir)
+    if tracker is not None:
+        tracker.log_files("data", previews)
+    curves = _training_curves(tracker, workdir / "figures" / "training_curves.png")
+    grids = [p for kind in ("model", "baseline") for p in sorted((workdir / "eval" / kind).glob("*_grid.png"))]
+    overlays = sorted((workdir / "nova" / "overlays").glob("*.png"))[:6]
+    summary = {
+        "size": size, "seed": seed, "workdir": str(workdir), "profile": PROFILES[size],
+        "networks": network_settings(size),
+        **results,
+        "stages": stage_info, "total_seconds": round(total, 1),
+        "versions": versions(),
+        "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "runs": [s.name for s in stages]},
+        "figures": [str(p.relative_to(workdir)) for p in [*previews, *grids, *overlays, *([curves] if curves else [])]],
+    }
+
+    def rel(path: Path) -> str:
+        return path.relative_to(workdir).as_posix()
+
+    lines = [f"# Demo report ({size} size, seed {seed})", "",
+             f"Synthetic data; {_describe(summary['networks'])}. Total time of the stages: {total / 60:.1f} min "
+             f"on {os.cpu_count()} CPU cores (torch {summary['versions']['torch']}, "
+             f"MONAI {summary['versions']['monai']}).", "",
+             "## Anomaly segmentation: model vs intensity baseline", "",
+             "Means over the test volumes; the Dice threshold is chosen on each data set's val split "
+             "(the intensity baseline scores the image intensity itself as the anomaly map).", "",
+             "| data set | test split | metric | model | intensity baseline |", "|---|---|---|---|---|"]
+    for dataset, entry in results["datasets"].items():
+        if dataset == "IXI":
+            continue
+        for metric in (*MAIN_METRICS, "threshold"):
+            model, base = (entry.get(k) or {} for k in ("model", "baseline"))
+            if metric in model or metric in base:
+                lines.append(f"| {dataset} | {entry['test_split']} ({entry['n_test_volumes']}) | {metric} | "
+                             f"{_fmt(model.get(metric))} | {_fmt(base.get(metric))} |")
+    if "IXI" in results["datasets"]:
+        ixi = results["datasets"]["IXI"]
+        lines += ["", f"Healthy reference {ixi['split']} ({ixi['n_volumes']} volumes), residual thresholds at a "
+                      "voxel false-positive rate: model " + ", ".join(
+                          f"{k} {_fmt(v)}" for k, v in (ixi.get("model") or {}).get("fpr_thresholds", {}).items())
+                  + "; baseline " + ", ".join(
+                          f"{k} {_fmt(v)}" for k, v in (ixi.get("baseline") or {}).get("fpr_thresholds", {}).items())
+                  + "."]
+    if results["nova"]:
+        reference = results["nova"]["reference"]
+        lines += ["", "## NOVA-like images (reference protocol)", "",
+                  "| " + " | ".join(reference) + " |", "|" + "---|" * len(reference),
+                  "| " + " | ".join(_fmt(v) for v in reference.values()) + " |"]
+    lines += ["", "## Figures", ""]
+    if previews:
+        lines += ["### Data (slice with the largest lesion, lesion outlined)", ""]
+        lines += [f"![{p.stem}]({rel(p)})" for p in previews] + [""]
+    if grids:
+        lines += ["### Reconstructions and residual maps (evaluation grids)", ""]
+        lines += [f"**{p.parent.name}, {p.stem.replace('_grid', '')}**\n\n![{p.parent.name} {p.stem}]({rel(p)})\n"
+                  for p in grids]
+    if overlays:
+        lines += ["### NOVA boxes (gold green, predicted red)", ""]
+        lines += [" ".join(f"![{p.stem}]({rel(p)})" for p in overlays), ""]
+    if curves:
+        lines += ["### Training curves (from the MLflow store)", "", f"![training curves]({rel(curves)})", ""]
+    lines += ["## Stages", "", "Each stage is an ordinary command, run from the repository root; logs in `logs/`.",
+              "", "| stage | seconds | command |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(info['seconds'], 0)} | `{info['command']}` |" for name, info in stage_info.items()]
+    lines += ["", "## Experiment tracking", "",
+              f"All stages are runs of the MLflow experiment `{EXPERIMENT}`: `mlflow ui --backend-store-uri {uri}`.",
+              "", "Numbers: `summary.json`; per-volume metrics: `eval/*/per_volume.csv`; full metrics: "
+              "`eval/*/metrics.json`, `nova/metrics.json`.", ""]
+    _write_atomic(workdir / "report.md", "\n".join(lines))
+    return summary

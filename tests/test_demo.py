@@ -1,0 +1,214 @@
+"""The one-command demo: its plan (bundle commands), skipping / resuming / forcing stages, and (slow) a
+whole tiny run with its summary, report and MLflow store."""
+
+import ast
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from custom_components import demo as D
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["data", "encoder", "cond_ddpm", "eval_model", "eval_baseline", "nova_predict", "nova_metrics"]
+
+
+def _args(command: list[str]) -> dict[str, str]:
+    """The ``--key value`` pairs of a command."""
+    pairs = {}
+    for i, item in enumerate(command):
+        if item.startswith("--"):
+            key, _, value = item[2:].partition("=")
+            pairs[key] = value if _ else command[i + 1]
+    return pairs
+
+
+def test_every_model_stage_is_a_bundle_run_with_tracking(tmp_path):
+    stages = D.plan(tmp_path / "w", size="tiny", seed=3)
+    assert [s.name for s in stages] == STAGES
+    assert stages[0].command[1:4] == ["-m", "custom_components", "demo_data"]
+    channels = set()
+    for stage in stages[1:]:
+        assert stage.command[1:4] == ["-m", "monai.bundle", "run"]
+        # the printed command, pasted into a shell, is the command that runs
+        assert shlex.split(D._display(stage.command)) == ["python", *stage.command[1:]]
+        args = _args(stage.command)
+        files = args["config_file"]
+        files = ast.literal_eval(files) if files.startswith("[") else [files]
+        for f in files:  # the configs a user would name, relative to the repository root
+            assert (REPO / f).is_file(), f
+            assert f.startswith(args["bundle_root"] + "/configs/")
+        assert args["tracking"] == "mlflow" and args["run_name"] == stage.name
+        assert args["experiment_name"] == "demo"
+        assert args["tracking_uri"] == f"sqlite:///{tmp_path / 'w' / 'mlruns.db'}"
+        if "channels" in args:
+            channels.add(args["channels"])
+        if stage.name != "nova_metrics":
+            assert args["seed"] == "3"
+    by_name = {s.name: _args(s.command) for s in stages}
+    # one network shape for training, evaluation and NOVA inference; one shared preprocessing cache
+    assert channels == {"[8,16,16]"} and "channels" in by_name["nova_predict"] and "channels" in by_name["eval_model"]
+    assert {by_name[n]["cache_dir"] for n in ("encoder", "cond_ddpm", "eval_model", "eval_baseline")} == \
+        {str(tmp_path / "w" / "cache")}
+    assert by_name["cond_ddpm"]["encoder_ckpt"] == by_name["encoder"]["output_dir"] + "/model.pt"
+    assert by_name["eval_model"]["reconstruction"] == "ddpm" and by_name["eval_baseline"]["reconstruction"] == "none"
+    assert by_name["nova_metrics"]["predictions_file"] == by_name["nova_predict"]["predictions_file"]
+
+
+class FakeRunner:
+    """Stands in for the stage commands: writes each stage's outputs; can fail at a chosen stage after
+    leaving a partial file behind, as an interrupted training run leaves its epoch checkpoint."""
+
+    def __init__(self, interrupt_at: str | None = None):
+        self.calls, self.interrupt_at, self.seen_partial = [], interrupt_at, {}
+
+    def __call__(self, stage, log_file, verbose):
+        self.calls.append(stage.name)
+        partial = stage.folder / "checkpoint_epoch=1.pt"
+        self.seen_partial[stage.name] = partial.exists()
+        if stage.name == self.interrupt_at:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text("partial")
+            raise KeyboardInterrupt
+        for path in stage.outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(stage.name)
+
+
+def test_done_stages_are_skipped_interrupted_ones_resume_force_reruns(tmp_path):
+    work = tmp_path / "w"
+    first = FakeRunner()
+    D.run_demo(work, size="tiny", runner=first, report=False)
+    assert first.calls == STAGES
+
+    again = FakeRunner()
+    D.run_demo(work, size="tiny", runner=again, report=False)
+    assert again.calls == []
+
+    # a stage whose output went missing runs again, and so does everything after it
+    (work / "eval" / "baseline" / "metrics.json").unlink()
+    partial = FakeRunner()
+    D.run_demo(work, size="tiny", runner=partial, report=False)
+    assert partial.calls == ["eval_baseline", "nova_predict", "nova_metrics"]
+
+    # interrupted during cond_ddpm training: the next run continues it from its checkpoint
+    D.run_demo(work, size="tiny", runner=FakeRunner(), report=False, force=True)
+    interrupted = FakeRunner(interrupt_at="cond_ddpm")
+    (work / "encoder" / "keep.txt").write_text("x")
+    with pytest.raises(KeyboardInterrupt):
+        D.run_demo(work, size="tiny", runner=interrupted, report=False, force=True)
+    assert interrupted.calls == ["data", "encoder", "cond_ddpm"]
+    assert not (work / "encoder" / "keep.txt").exists()  # --force cleared the finished stage's folder
+    resumed = FakeRunner()
+    D.run_demo(work, size="tiny", runner=resumed, report=False)
+    assert resumed.calls == STAGES[2:]
+    assert resumed.seen_partial["cond_ddpm"]  # the checkpoint of the interrupted attempt was kept
+
+
+def test_interrupted_stage_that_cannot_resume_starts_clean(tmp_path):
+    work = tmp_path / "w"
+    with pytest.raises(KeyboardInterrupt):
+        D.run_demo(work, size="tiny", runner=FakeRunner(interrupt_at="eval_model"), report=False)
+    runner = FakeRunner()
+    D.run_demo(work, size="tiny", runner=runner, report=False)
+    assert runner.calls == STAGES[3:] and runner.seen_partial["eval_model"] is False
+
+
+def test_workdir_of_other_settings_or_not_a_demo_is_refused(tmp_path):
+    work = tmp_path / "w"
+    D.run_demo(work, size="tiny", runner=FakeRunner(), report=False)
+    with pytest.raises(D.DemoError, match="--force"):
+        D.run_demo(work, size="tiny", seed=1, runner=FakeRunner(), report=False)
+    rerun = FakeRunner()
+    D.run_demo(work, size="tiny", seed=1, force=True, runner=rerun, report=False)
+    assert rerun.calls == STAGES
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_text("")
+    with pytest.raises(D.DemoError, match="not a demo work"):
+        D.run_demo(other, size="tiny", force=True, runner=FakeRunner(), report=False)
+    assert (other / "holiday.jpg").exists()
+    with pytest.raises(D.DemoError, match="size must be one of"):
+        D.plan(tmp_path / "x", size="huge")
+
+
+def test_mlflow_metric_names():
+    assert D.mlflow_name("mAP@50:95") == "mAP_50-95"
+    assert D.mlflow_name("fpr5%/dice") == "fpr5pct/dice"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the real thing, at the tiny size
+# ------------------------------------------------------------------------------------------------------
+def _demo(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([sys.executable, "-m", "custom_components", "demo", "--workdir", str(workdir),
+                             "--size", "tiny", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def _in_unit_range(value) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
+    work = tmp_path / "demo"
+    first = _demo(work)
+    for stage in STAGES:
+        assert f"[{stage}] finished" in first.stdout
+
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["size"] == "tiny" and summary["seed"] == 0
+    for dataset in ("Brats21", "MSLUB"):
+        entry = summary["datasets"][dataset]
+        assert entry["n_test_volumes"] >= 1
+        for kind in ("model", "baseline"):
+            for metric in ("dice", "auprc", "auroc"):
+                assert _in_unit_range(entry[kind][metric]), (dataset, kind, metric, entry[kind][metric])
+    for kind in ("model", "baseline"):
+        thresholds = summary["datasets"]["IXI"][kind]["fpr_thresholds"]
+        assert len(thresholds) == 3 and all(_in_unit_range(t) for t in thresholds.values())
+    reference = summary["nova"]["reference"]
+    assert all(_in_unit_range(float(reference[k])) for k in ("mAP@30", "mAP@50", "ACC@50"))
+    assert set(summary["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in summary["stages"].values())
+    assert {"python", "torch", "monai"} <= set(summary["versions"])
+    assert summary["networks"]["conditioning_encoder"] == "ResNet-18"
+
+    report = (work / "report.md").read_text()
+    links = [line.split("](", 1)[1].split(")", 1)[0] for line in report.splitlines() if "![" in line]
+    assert len(links) >= 5 and all((work / link).is_file() for link in links)
+    assert "figures/training_curves.png" in links and any(link.startswith("nova/overlays/") for link in links)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == sorted(STAGES)  # one run per stage
+    by_name = {r.info.run_name: r for r in runs}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for stage in ("encoder", "cond_ddpm"):
+        assert {"train_loss", "val_loss"} <= set(by_name[stage].data.metrics)
+        assert "model.pt" in {a.path for a in client.list_artifacts(by_name[stage].info.run_id)}
+    for stage in ("eval_model", "eval_baseline"):
+        assert {"Brats21/dice", "MSLUB/dice", "Brats21/auprc"} <= set(by_name[stage].data.metrics)
+    assert by_name["eval_model"].data.metrics["Brats21/dice"] == pytest.approx(
+        summary["datasets"]["Brats21"]["model"]["dice"])
+    assert {"mAP_30", "mAP_50"} <= set(by_name["nova_metrics"].data.metrics)
+
+    model_time = (work / "cond_ddpm" / "model.pt").stat().st_mtime_ns
+    second = _demo(work)
+    for stage in STAGES:
+        assert f"[{stage}] done earlier" in second.stdout and f"[{stage}] finished" not in second.stdout
+    assert (work / "cond_ddpm" / "model.pt").stat().st_mtime_ns == model_time
+    assert len(client.search_runs([experiment.experiment_id])) == len(STAGES)
