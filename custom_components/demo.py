@@ -18,11 +18,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from custom_components.utils import write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "demo"
@@ -104,36 +105,6 @@ class Stage:
 # ------------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write text to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _finite(obj):
-    """NaN / infinity -> None, recursively, so the JSON is standard."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and (obj != obj or abs(obj) == float("inf")):
-        return None
-    return obj
-
-
-def _write_json(path: Path, obj) -> Path:
-    return _write_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
-
-
 def _read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
@@ -308,7 +279,7 @@ def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default",
     stages = plan(workdir, size, seed, tracking_uri)
     state = _check_workdir(workdir, settings, force)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / STATE_FILE, state)
+    write_json_atomic(workdir / STATE_FILE, state)
     uri = tracking_uri or default_tracking_uri(workdir)
     tracker = Tracker(uri, workdir) if report else None
     print(f"Demo ({size}, seed {seed}) in {workdir}; commands run from {REPO}; MLflow store {uri}")
@@ -331,20 +302,20 @@ def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default",
         print(f"[{stage.name}] {stage.description}\n  $ {_display(stage.command)}", flush=True)
         start = time.perf_counter()
         state["stages"][stage.name] = {"finished": False, "command": _display(stage.command)}
-        _write_json(workdir / STATE_FILE, state)
+        write_json_atomic(workdir / STATE_FILE, state)
         runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
         seconds = time.perf_counter() - start
         if tracker:
             tracker.after_stage(stage, workdir, seconds)
         state["stages"][stage.name] = {"finished": True, "seconds": round(seconds, 1),
                                        "command": _display(stage.command)}
-        _write_json(workdir / STATE_FILE, state)
+        write_json_atomic(workdir / STATE_FILE, state)
         upstream_ran = True
         print(f"[{stage.name}] finished in {seconds:.0f} s", flush=True)
     summary_path = workdir / "summary.json"
     if report:
         summary = write_report(workdir, stages, state, tracker, uri)
-        _write_json(summary_path, summary)
+        write_json_atomic(summary_path, summary)
         print_summary(summary)
         print(f"\nSummary: {summary_path}\nReport:  {workdir / 'report.md'}\n"
               f"MLflow:  mlflow ui --backend-store-uri {uri}")
@@ -668,5 +639,5 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
               f"All stages are runs of the MLflow experiment `{EXPERIMENT}`: `mlflow ui --backend-store-uri {uri}`.",
               "", "Numbers: `summary.json`; per-volume metrics: `eval/*/per_volume.csv`; full metrics: "
               "`eval/*/metrics.json`, `nova/metrics.json`.", ""]
-    _write_atomic(workdir / "report.md", "\n".join(lines))
+    write_text_atomic(workdir / "report.md", "\n".join(lines))
     return summary

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from monai.inferers import Inferer
 from torch.utils.data import ConcatDataset
 
 from custom_components import metrics as M
-from custom_components.utils import as_bool, write_text_atomic
+from custom_components.utils import as_bool, json_safe, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -87,22 +86,6 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None) 
     nib.save(image, tmp)
     os.replace(tmp, path)
     return path
-
-
-def _json_safe(value):
-    """NaN / Inf -> None and numpy scalars -> Python numbers, recursively, so the JSON is standard."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def checkpoint_path(path, reconstruction: str = "ddpm") -> str | None:
@@ -560,7 +543,7 @@ class AnomalyEvaluation:
 
     def epoch_completed(self, engine) -> None:
         results = self.protocol.finish()
-        results["settings"] = _json_safe({
+        results["settings"] = json_safe({
             **self.settings,
             "threshold_method": self.protocol.threshold_method,
             "fpr_rates": list(self.protocol.fpr_rates),
@@ -575,7 +558,7 @@ class AnomalyEvaluation:
         import pandas as pd
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.output_dir / "metrics.json", json.dumps(_json_safe(results), indent=2) + "\n")
+        write_json_atomic(self.output_dir / "metrics.json", results)
         rows = self.protocol.all_rows()
         tmp = self.output_dir / ".per_volume.csv.tmp"
         pd.DataFrame(rows).to_csv(tmp, index=False)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 
 def write_text_atomic(path, text: str) -> Path:
@@ -25,9 +29,25 @@ def write_text_atomic(path, text: str) -> Path:
     return path
 
 
+def json_safe(value):
+    """NaN / infinity -> None, numpy scalars -> Python numbers, paths -> strings, recursively: standard JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def write_json_atomic(path, obj) -> str:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return str(write_text_atomic(path, json.dumps(obj, indent=2) + "\n"))
+    """Write ``obj`` as indented standard JSON (see :func:`json_safe`) to ``path`` atomically."""
+    return str(write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"))
 
 
 def as_bool(value, name: str = "value") -> bool:
