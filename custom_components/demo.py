@@ -300,11 +300,18 @@ def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default",
             if tracker:
                 tracker.end_unfinished(stage.name)
         print(f"[{stage.name}] {stage.description}\n  $ {_display(stage.command)}", flush=True)
+        earlier = record.get("partial_seconds", 0.0) if resume else 0.0  # time of the interrupted attempts
         start = time.perf_counter()
-        state["stages"][stage.name] = {"finished": False, "command": _display(stage.command)}
+        state["stages"][stage.name] = {"finished": False, "command": _display(stage.command),
+                                       "partial_seconds": earlier}
         write_json_atomic(workdir / STATE_FILE, state)
-        runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
-        seconds = time.perf_counter() - start
+        try:
+            runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
+        except BaseException:
+            state["stages"][stage.name]["partial_seconds"] = round(earlier + time.perf_counter() - start, 1)
+            write_json_atomic(workdir / STATE_FILE, state)
+            raise
+        seconds = earlier + time.perf_counter() - start
         if tracker:
             tracker.after_stage(stage, workdir, seconds)
         state["stages"][stage.name] = {"finished": True, "seconds": round(seconds, 1),

@@ -40,8 +40,9 @@ def preview(data_root, split: str = "Brats21_test", out: str = "preview.png", n:
     items = load_split(data_root, split, mode=mode)[:n]
     if not items:
         raise ValueError(f"Split {split} of {data_root} lists no volumes.")
+    columns = min(columns, len(items))
     rows = -(-len(items) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):

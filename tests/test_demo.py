@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ class FakeRunner:
         if stage.name == self.interrupt_at:
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text("partial")
+            time.sleep(0.3)  # the interrupted attempt's time still counts in the stage's seconds
             raise KeyboardInterrupt
         for path in stage.outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,7 @@ def test_done_stages_are_skipped_interrupted_ones_resume_force_reruns(tmp_path):
     D.run_demo(work, size="tiny", runner=resumed, report=False)
     assert resumed.calls == STAGES[2:]
     assert resumed.seen_partial["cond_ddpm"]  # the checkpoint of the interrupted attempt was kept
+    assert json.loads((work / D.STATE_FILE).read_text())["stages"]["cond_ddpm"]["seconds"] >= 0.3
 
 
 def test_interrupted_stage_that_cannot_resume_starts_clean(tmp_path):
