@@ -37,10 +37,10 @@ STATE_FILE = "demo_state.json"
 PROFILES: dict[str, dict] = {
     "default": {
         "data": {"n_ixi": 40, "n_brats": 16, "n_mslub": 12, "n_nova": 24},
-        "encoder": {"epochs": 6, "batch_size": 32, "slices_per_volume": 16, "num_workers": 2},
+        "encoder": {"epochs": 3, "batch_size": 32, "slices_per_volume": 16, "num_workers": 2},
         "network": {},  # cond_ddpm demo.yaml: (16, 32, 64) U-Net, one res block, 2x2 pixel unshuffle, ResNet-18
-        "cond_ddpm": {"epochs": 16, "batch_size": 32, "slices_per_volume": 32, "num_workers": 2,
-                      "learning_rate": 0.001, "val_interval": 4},
+        "cond_ddpm": {"epochs": 10, "batch_size": 32, "slices_per_volume": 32, "num_workers": 2,
+                      "learning_rate": 0.001, "val_interval": 5},
         "evaluate": {"num_workers": 2},
         "nova": {},
     },
