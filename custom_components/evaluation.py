@@ -29,7 +29,7 @@ from monai.inferers import Inferer
 from torch.utils.data import ConcatDataset
 
 from custom_components import metrics as M
-from custom_components.utils import as_bool, json_safe, write_json_atomic
+from custom_components.utils import as_bool, json_safe, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -559,10 +559,7 @@ class AnomalyEvaluation:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.output_dir / "metrics.json", results)
-        rows = self.protocol.all_rows()
-        tmp = self.output_dir / ".per_volume.csv.tmp"
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-        os.replace(tmp, self.output_dir / "per_volume.csv")
+        write_text_atomic(self.output_dir / "per_volume.csv", pd.DataFrame(self.protocol.all_rows()).to_csv(index=False))
         for dataset, entries in self._grid.items():
             threshold = results.get(dataset, {}).get("threshold")
             self._write_grid(dataset, sorted(entries, reverse=True), threshold)
