@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from custom_components.utils import write_json_atomic, write_text_atomic
@@ -97,7 +97,6 @@ class Stage:
     command: list[str]
     outputs: list[Path]  # all present (and the stage recorded as finished) = done
     folder: Path  # cleared before a fresh start (``--force``, or an earlier stage ran again)
-    artifacts: list[Path] = field(default_factory=list)  # logged to the stage's MLflow run when it finishes
     description: str = ""
     resumable: bool = False  # an interrupted run continues from its own checkpoints (training)
 
@@ -171,12 +170,12 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
               description="synthetic IXI / BraTS21 / MSLUB volumes and NOVA images in the real layout"),
         Stage("encoder", bundle_command("contrastive_encoder", ["train.yaml", "demo.yaml"], {
                   **common, "output_dir": w / "encoder", **profile["encoder"], **tracking("encoder")}),
-              outputs=[w / "encoder" / "model.pt"], folder=w / "encoder", artifacts=[w / "encoder" / "model.pt"],
+              outputs=[w / "encoder" / "model.pt"], folder=w / "encoder",
               description="target-invariant contrastive encoder pretraining on healthy IXI slices", resumable=True),
         Stage("cond_ddpm", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml"], {
                   **common, "output_dir": w / "cond_ddpm", "encoder_ckpt": w / "encoder" / "model.pt",
                   **profile["network"], **profile["cond_ddpm"], **tracking("cond_ddpm")}),
-              outputs=[ddpm], folder=w / "cond_ddpm", artifacts=[ddpm],
+              outputs=[ddpm], folder=w / "cond_ddpm",
               description="conditional DDPM trained on healthy IXI slices, conditioned on the encoder", resumable=True),
     ]
     for stage, reconstruction in (("eval_model", "ddpm"), ("eval_baseline", "none")):
@@ -184,7 +183,7 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
         stages.append(Stage(stage, bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
             **common, "output_dir": out, "ckpt_path": ddpm, "reconstruction": reconstruction,
             **profile["network"], **profile["evaluate"], **tracking(stage)}),
-            outputs=[out / "metrics.json"], folder=out, artifacts=[out],
+            outputs=[out / "metrics.json"], folder=out,
             description=("evaluation of the model" if reconstruction == "ddpm" else "intensity baseline")
             + " on the BraTS-like and MSLUB-like splits, thresholds from the val splits and healthy IXI"))
     nova = w / "nova"
@@ -193,13 +192,13 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
                   "dataset_dir": data, "ckpt_path": ddpm, "output_dir": nova,
                   "predictions_file": nova / "predictions.json", "save_overlays": True, "seed": seed,
                   **profile["network"], **profile["nova"], **tracking("nova_predict")}),
-              outputs=[nova / "predictions.json"], folder=nova, artifacts=[nova / "predictions.json"],
+              outputs=[nova / "predictions.json"], folder=nova,
               description="anomaly boxes on the NOVA-like images from the model's residuals"),
         Stage("nova_metrics", bundle_command("nova_eval", ["evaluate.yaml"], {
                   "dataset_dir": data, "output_dir": nova, "predictions_file": nova / "predictions.json",
                   "metadata_file": data / "NOVA" / "metadata.csv", "output_file": nova / "metrics.json",
                   **tracking("nova_metrics")}),
-              outputs=[nova / "metrics.json"], folder=nova / "metrics.json", artifacts=[nova / "metrics.json"],
+              outputs=[nova / "metrics.json"], folder=nova / "metrics.json",
               description="NOVA reference localisation metrics of the predicted boxes"),
     ]
     return stages
@@ -345,17 +344,12 @@ def print_summary(summary: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# MLflow: the bundles log their own runs (``--tracking mlflow``); the demo adds what they cannot
+# MLflow: the bundles log their own runs (``--tracking mlflow``: params, metrics, checkpoints, results);
+# the demo adds the command and duration of each stage, and a run for the data stage, which has no engine
 # ------------------------------------------------------------------------------------------------------
-def mlflow_name(key: str) -> str:
-    """A metric name MLflow accepts ('mAP@50:95' -> 'mAP_50-95')."""
-    return key.replace("@", "_").replace(":", "-").replace("%", "pct")
-
-
 class Tracker:
-    """Completes each stage's run in the demo's MLflow experiment: the stage's settings as params, its
-    checkpoint / figures / metrics files as artefacts, and a run for stages that have no engine to log one
-    (data generation, NOVA metrics)."""
+    """Completes each stage's run in the demo's MLflow experiment: the stage's command and duration as params,
+    numbers and figures its bundle does not log, and a run for the data stage (no bundle, no engine)."""
 
     def __init__(self, tracking_uri: str, workdir: Path):
         import mlflow
@@ -392,15 +386,7 @@ class Tracker:
             if key not in existing:
                 self.client.log_param(run_id, key, value)
         for key, value in stage_metrics(stage.name, workdir).items():
-            self.client.log_metric(run_id, mlflow_name(key), value)
-        configs = sorted(stage.folder.glob("config_*.json")) if stage.folder.is_dir() else []
-        for path in [*stage.artifacts, *configs[-1:]]:  # the executed config MONAI's tracking writes
-            if path.is_dir():
-                for file in sorted(path.iterdir()):
-                    if file.is_file() and file.suffix in (".json", ".png", ".csv"):
-                        self.client.log_artifact(run_id, str(file))
-            elif path.is_file():
-                self.client.log_artifact(run_id, str(path))
+            self.client.log_metric(run_id, key, value)
         if created:
             self.client.set_terminated(run_id, "FINISHED")
 
@@ -434,7 +420,7 @@ class Tracker:
 
 
 def stage_metrics(stage: str, workdir: Path) -> dict[str, float]:
-    """Numbers a stage's own logging does not record: data sizes, box counts, NOVA metrics."""
+    """Numbers a stage's own logging does not record: data sizes, box counts."""
     workdir = Path(workdir)
     if stage == "data":
         manifest = _read_json(workdir / "data" / "demo_data.json") or {}
@@ -442,10 +428,6 @@ def stage_metrics(stage: str, workdir: Path) -> dict[str, float]:
     if stage == "nova_predict":
         predictions = _read_json(workdir / "nova" / "predictions.json") or {}
         return {"n_images": float(len(predictions)), "n_boxes": float(sum(len(b) for b in predictions.values()))}
-    if stage == "nova_metrics":
-        metrics = _read_json(workdir / "nova" / "metrics.json") or {}
-        return {k: float(v) for k, v in (metrics.get("reference") or {}).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {}
 
 

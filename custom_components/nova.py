@@ -636,6 +636,13 @@ def format_summary(metrics: Mapping) -> str:
     return "\n".join(lines)
 
 
+def tracked_metrics(metrics: Mapping) -> dict[str, float]:
+    """The numbers of :func:`evaluate_nova` worth tracking: reference and score-ranked metrics, image count."""
+    numbers = {**metrics["reference"], **{f"score_ranked/{k}": v for k, v in metrics["score_ranked"].items()},
+               "n_images": metrics["n_images"]}
+    return {k: float(v) for k, v in numbers.items()}
+
+
 def evaluate_nova_files(predictions_file: str | os.PathLike, metadata_file: str | os.PathLike,
                         output_file: str | os.PathLike | None = None, caption_filter: str | None = "T2",
                         top_k: int | None = 5) -> dict:

@@ -27,8 +27,16 @@ def test_train_lowers_val_loss_and_resumes(demo_root, cache_dir, tmp_path):
     out = tmp_path / "ddpm"
     common = ["--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir), "--output_dir", str(out),
               "--encoder_ckpt", str(encoder), *TINY]
-    first = run_bundle(DEMO, BUNDLE, *common, "--epochs", "2")
+    first = run_bundle(DEMO, BUNDLE, *common, "--epochs", "2", "--tracking", "mlflow")
     assert (out / "checkpoint_epoch=2.pt").is_file() and (out / "model.pt").is_file()
+    import mlflow  # --tracking mlflow: losses, settings and the best checkpoint in one run
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {"train_loss", "val_loss"} <= set(run.data.metrics)
+    assert run.data.params["learning_rate"] == "0.002" and run.data.params["encoder_ckpt"] == str(encoder)
+    assert run.data.tags["best_checkpoint"] == str(out / "model.pt")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
     losses = _val_losses(first.stdout + first.stderr)
     assert sorted(losses) == [1, 2]
 

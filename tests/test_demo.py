@@ -140,11 +140,6 @@ def test_workdir_of_other_settings_or_not_a_demo_is_refused(tmp_path):
         D.plan(tmp_path / "x", size="huge")
 
 
-def test_mlflow_metric_names():
-    assert D.mlflow_name("mAP@50:95") == "mAP_50-95"
-    assert D.mlflow_name("fpr5%/dice") == "fpr5pct/dice"
-
-
 # ------------------------------------------------------------------------------------------------------
 # the real thing, at the tiny size
 # ------------------------------------------------------------------------------------------------------
@@ -202,12 +197,16 @@ def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     for stage in ("encoder", "cond_ddpm"):
         assert {"train_loss", "val_loss"} <= set(by_name[stage].data.metrics)
-        assert "model.pt" in {a.path for a in client.list_artifacts(by_name[stage].info.run_id)}
+        assert {"epochs", "batch_size", "learning_rate", "command", "stage_seconds"} <= set(by_name[stage].data.params)
+        assert by_name[stage].data.tags["best_checkpoint"] == str(work / stage / "model.pt")
+        assert [a.path for a in client.list_artifacts(by_name[stage].info.run_id, "checkpoint")] == \
+            ["checkpoint/model.pt"]
     for stage in ("eval_model", "eval_baseline"):
         assert {"Brats21/dice", "MSLUB/dice", "Brats21/auprc"} <= set(by_name[stage].data.metrics)
     assert by_name["eval_model"].data.metrics["Brats21/dice"] == pytest.approx(
         summary["datasets"]["Brats21"]["model"]["dice"])
     assert {"mAP_30", "mAP_50"} <= set(by_name["nova_metrics"].data.metrics)
+    assert "Brats21_grid.png" in {a.path for a in client.list_artifacts(by_name["eval_model"].info.run_id)}
 
     model_time = (work / "cond_ddpm" / "model.pt").stat().st_mtime_ns
     second = _demo(work)

@@ -333,7 +333,8 @@ def test_evaluate_bundle_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run",
            "--config_file", "bundles/nova_eval/configs/evaluate.yaml", "--bundle_root", "bundles/nova_eval",
            "--predictions_file", str(preds), "--metadata_file", str(meta), "--output_file", str(out_file)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    tracking = ["--tracking", "mlflow", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd + tracking, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(out_file.read_text())
     assert set(out) >= {"reference", "score_ranked", "n_images"}
@@ -347,6 +348,16 @@ def test_evaluate_bundle_end_to_end(tmp_path):
     # score order: TP .9, TP .8, FP .3 -> precision 1 up to recall 2/3 -> 67 of 101 recall points
     assert out["score_ranked"]["AP@50"] == pytest.approx(67 / 101)
     assert not list(out_file.parent.glob("*.tmp"))
+
+    # --tracking mlflow: the metrics (MLflow-safe names), the settings and the metrics file in one run
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["mAP_30"] == pytest.approx(0.75, abs=1e-5) and run.data.metrics["FP_30"] == 1
+    assert run.data.metrics["score_ranked/AP_50"] == pytest.approx(67 / 101)
+    assert run.data.params["caption_filter"] == "T2" and run.data.params["top_k"] == "5"
+    assert "metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # an unknown filename is reported by name; no output is written
     preds.write_text(json.dumps({"zzz.png": []}))
