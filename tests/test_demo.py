@@ -1,4 +1,4 @@
-"""The one-command demo: its plan (bundle commands), skipping / resuming / forcing stages, and (slow) a
+"""The one-command demo: its plan (bundle commands), skipping / resuming / forcing stages, and a
 whole tiny run with its summary, report and MLflow store."""
 
 import ast
@@ -157,7 +157,7 @@ def _in_unit_range(value) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
     work = tmp_path / "demo"
     first = _demo(work)
