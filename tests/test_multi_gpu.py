@@ -72,7 +72,9 @@ def check_rank_zero_only(logs: dict, saves: list, out: Path) -> None:
     saves = [(rank, path.name) for rank, path in saves if path.parent == out]
     assert {rank for rank, _ in saves} == {"0"}, saves
     assert sorted(name for _, name in saves) == ["checkpoint_epoch=1.pt", "model.pt"], saves
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    # (with --tracking, MONAI's workflow writes the executed config_<time>.json on every rank before training)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("config_")) == \
+        ["checkpoint_epoch=1.pt", "model.pt"]
 
     rank0, rank1 = (logs[r]["stdout"] + logs[r]["stderr"] for r in (0, 1))
     for line in ("Epoch[1] Metrics -- val_loss", "Key metric: val_loss best value"):
@@ -102,8 +104,16 @@ def test_cond_ddpm_two_processes(demo_root, cache_dir, tmp_path):
     out = tmp_path / "ddpm"
     logs, saves = run_torchrun("cond_ddpm", ["train.yaml", "demo.yaml", "multi_gpu_train.yaml"], tmp_path,
                                "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
-                               "--output_dir", str(out), "--channels", "[8,16,16]", *TINY)
+                               "--output_dir", str(out), "--channels", "[8,16,16]", *TINY,
+                               "--tracking", "mlflow", "--tracking_uri", f"sqlite:///{tmp_path / 'mlruns.db'}")
     check_rank_zero_only(logs, saves, out)
+    # MLflow: one run, written by rank 0 alone (one validation loss, the settings, the best checkpoint)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
+    assert run.data.params["channels"] == "[8, 16, 16]" and run.data.tags["best_checkpoint"] == str(out / "model.pt")
     model = ConditionalDDPM(channels=(8, 16, 16), num_res_blocks=1, encoder_depth=18, pixel_unshuffle=2)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     state = torch.load(out / "checkpoint_epoch=1.pt", weights_only=True)
