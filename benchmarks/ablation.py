@@ -23,7 +23,6 @@ commands (``--force`` reruns everything). Takes several times the demo's duratio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ from custom_components.demo import (  # noqa: E402
     run_stage,
     summarize_results,
 )
+from custom_components.utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 VARIANTS = {
     "full": {"pretrained_encoder": True, "ids": {}},
@@ -166,10 +166,7 @@ def run(jobs: list[Job], workdir: Path, force: bool, verbose: bool) -> dict:
 
 
 def _save_state(workdir: Path, state: dict) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(workdir / STATE_FILE)
+    write_json_atomic(workdir / STATE_FILE, state)
 
 
 def collect(workdir: Path, variants: list[str]) -> list[dict]:
@@ -238,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     settings = {"size": args.size, "seed": args.seed, "epochs": args.epochs, "encoder_epochs": args.encoder_epochs,
                 "profile": PROFILES[args.size], "data_root": str(data_root or workdir / "data")}
-    (workdir / "ablation.json").write_text(json.dumps({"settings": settings, "rows": rows, "seconds": seconds},
-                                                      indent=2) + "\n")
+    write_json_atomic(workdir / "ablation.json", {"settings": settings, "rows": rows, "seconds": seconds})
     notes = "\n".join(f"- `{r['variant']}`: {r['description']}" for r in rows)
-    (workdir / "ablation.md").write_text(
+    write_text_atomic(
+        workdir / "ablation.md",
         f"# Ablations ({args.size} demo profile, seed {args.seed})\n\nTest-split means; Dice at the threshold "
         f"found on each data set's val split; NOVA reference mAP@30 (no NOVA run for the intensity baseline).\n\n"
         f"{text}\n\n{notes}\n")
