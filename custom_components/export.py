@@ -60,7 +60,8 @@ work as they are. From this folder:
 _DENOISER_CHECKS = """`network_def` (ConditionalDDPM) cannot be scripted (MONAI's DiffusionModelUNet attention block and the
 FiLM residual block reshape with a starred size list), and its forward takes `(x, timesteps, context)`
 while `verify_net_in_out` and `ckpt_export --use_trace` call the network with one tensor: on the command
-line both stop at the missing `timesteps`. From Python both checks work (a trace follows other batch and
+line both stop at the missing `timesteps` (the model zoo's own diffusion bundles are left out of its shape
+check for the same reason). From Python both checks work (a trace follows other batch and
 image sizes exactly). From this folder (add `configs/demo.yaml` to the config lists for the demo network):
 
     python - <<'EOF'
