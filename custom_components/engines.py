@@ -15,6 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
+from custom_components.utils import mlflow_metric_name
+
 CHECKPOINT_PATTERN = re.compile(r"checkpoint.*?epoch=(\d+)\.pt$")
 
 
@@ -109,11 +111,6 @@ class SaveVolumeEmbeddings:
 # ------------------------------------------------------------------------------------------------------
 # experiment tracking (``python -m monai.bundle run ... --tracking mlflow``)
 # ------------------------------------------------------------------------------------------------------
-def mlflow_metric_name(key: str) -> str:
-    """A metric name MLflow accepts: ``mAP@50:95`` -> ``mAP_50-95``, ``fpr5%/dice`` -> ``fpr5pct/dice``."""
-    return key.replace("@", "_").replace(":", "-").replace("%", "pct")
-
-
 def tracking_handler(engine: Engine) -> MLFlowHandler | None:
     """The ``MLFlowHandler`` that ``--tracking mlflow`` attached to ``engine`` (None without tracking, and on
     ranks other than 0, where MONAI disables it)."""

@@ -29,7 +29,7 @@ from monai.inferers import Inferer
 from torch.utils.data import ConcatDataset
 
 from custom_components import metrics as M
-from custom_components.utils import as_bool, json_safe, write_json_atomic, write_text_atomic
+from custom_components.utils import as_bool, json_safe, mlflow_metric_name, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def flat_metrics(results: Mapping) -> dict[str, float]:
 
     def put(key: str, value) -> None:
         if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(float(value)):
-            flat[key.replace("%", "pct")] = float(value)
+            flat[mlflow_metric_name(key)] = float(value)
 
     for label, t in results.get(HEALTHY_DATASET, {}).get("fpr_thresholds", {}).items():
         put(f"{HEALTHY_DATASET}/fpr{label}_threshold", t)

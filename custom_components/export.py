@@ -161,14 +161,14 @@ def _imported_names(path: Path, module: str) -> set[str]:
     return names
 
 
-def _strings(obj) -> list[str]:
+def config_strings(obj) -> list[str]:
     """Every string (keys and values) of a parsed config."""
     if isinstance(obj, str):
         return [obj]
     if isinstance(obj, dict):
-        return [s for k, v in obj.items() for s in _strings(k) + _strings(v)]
+        return [s for k, v in obj.items() for s in config_strings(k) + config_strings(v)]
     if isinstance(obj, (list, tuple)):
-        return [s for v in obj for s in _strings(v)]
+        return [s for v in obj for s in config_strings(v)]
     return []
 
 
@@ -176,7 +176,7 @@ def needed_modules(configs: list, package_dir: Path = PACKAGE_DIR) -> list[str]:
     """Modules of the package that parsed ``configs`` reference, closed under imports, parents included."""
     pending = set()
     for config in configs:
-        for text in _strings(config):
+        for text in config_strings(config):
             for dotted in _DOTTED.findall(text):
                 module = _longest_module(dotted, package_dir)
                 if module is None:
@@ -276,7 +276,7 @@ def export_config(text: str, path: Path, bundle: str) -> tuple[str, list[str]]:
     new = "".join(lines)
     if path.suffix in CONFIG_SUFFIXES:
         new = defer_initialize(new, path)
-        left = [s for s in _strings(_load_config(new, path)) if _REFERENCE.search(s)]
+        left = [s for s in config_strings(_load_config(new, path)) if _REFERENCE.search(s)]
         if left:
             raise ExportError(f"{path}: references to {PACKAGE} left after rewriting: {left[:3]}")
     return new, notes

@@ -1,4 +1,5 @@
-"""Small helpers the bundles share: atomic file writes (a reader never sees half a file) and yes/no flags."""
+"""Small helpers the bundles share: atomic file writes (a reader never sees half a file), yes/no flags and
+MLflow-safe metric names."""
 
 from __future__ import annotations
 
@@ -60,3 +61,8 @@ def as_bool(value, name: str = "value") -> bool:
             return False
         raise ValueError(f"{name} must be true or false, got {value!r}.")
     return bool(value)
+
+
+def mlflow_metric_name(key: str) -> str:
+    """A metric name MLflow accepts: ``mAP@50:95`` -> ``mAP_50-95``, ``fpr5%/dice`` -> ``fpr5pct/dice``."""
+    return key.replace("@", "_").replace(":", "-").replace("%", "pct")

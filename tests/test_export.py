@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from custom_components.export import ExportError, export_bundle
+from custom_components.export import ExportError, config_strings, export_bundle
 from custom_components.networks.diffusion_unet import ConditionalDDPM
 from tests.conftest import REPO
 
@@ -32,16 +32,6 @@ def run_outside(command: list[str], cwd: Path, timeout: int = 300) -> subprocess
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
-
-
-def config_strings(obj) -> list[str]:
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, dict):
-        return [s for k, v in obj.items() for s in config_strings(k) + config_strings(v)]
-    if isinstance(obj, list):
-        return [s for v in obj for s in config_strings(v)]
-    return []
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
-from custom_components.engines import MetricsEngine, MLflowRunDetails, flat_numbers, mlflow_metric_name
+from custom_components.engines import MetricsEngine, MLflowRunDetails, flat_numbers
+from custom_components.utils import mlflow_metric_name
 
 mlflow = pytest.importorskip("mlflow")
 
