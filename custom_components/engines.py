@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
-from custom_components.utils import mlflow_metric_name
+from custom_components.utils import atomic_path, mlflow_metric_name
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint.*?epoch=(\d+)\.pt$")
 
@@ -97,15 +97,12 @@ class SaveVolumeEmbeddings:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         names = engine.state.batch[self.name_key]
         if len(set(names)) != 1:
             raise ValueError(f"One volume per batch expected, got slices of {sorted(set(names))}.")
-        path = self.output_dir / f"{names[0]}.pt"
-        tmp = path.with_suffix(".pt.tmp")
         pred = engine.state.output["pred"]
-        torch.save(torch.Tensor(pred.as_tensor() if hasattr(pred, "as_tensor") else pred).detach().cpu(), tmp)
-        tmp.replace(path)
+        with atomic_path(self.output_dir / f"{names[0]}.pt") as tmp:
+            torch.save(torch.Tensor(pred.as_tensor() if hasattr(pred, "as_tensor") else pred).detach().cpu(), tmp)
 
 
 # ------------------------------------------------------------------------------------------------------

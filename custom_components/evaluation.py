@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from monai.inferers import Inferer
 from torch.utils.data import ConcatDataset
 
 from custom_components import metrics as M
-from custom_components.utils import as_bool, json_safe, mlflow_metric_name, write_json_atomic, write_text_atomic
+from custom_components.utils import (as_bool, atomic_path, json_safe, mlflow_metric_name, write_json_atomic,
+                                     write_text_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +75,13 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None) 
     import nibabel as nib
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = header.copy() if header is not None else None
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=header)
     image.set_data_dtype(np.asarray(array).dtype)
     if header is not None:  # nibabel would otherwise keep the input's scaling and intent
         image.header.set_slope_inter(None, None)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.tmp{suffix}")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) as tmp:
+        nib.save(image, tmp)
     return path
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom_components.utils import as_bool, write_json_atomic
+from custom_components.utils import as_bool, atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -357,11 +357,8 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, gt_boxes: np.ndarra
         draw.rectangle([round(x0), round(y0), round(x1), round(y1)], outline=(0, 255, 0), width=width)
     for b in pred_boxes:  # PIL rectangles include both corners: the last pixel is max - 1
         draw.rectangle([b["x_min"], b["y_min"], b["x_max"] - 1, b["y_max"] - 1], outline=(255, 0, 0), width=width)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return str(path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from custom_components.data import load_split  # noqa: E402
+from custom_components.utils import atomic_path  # noqa: E402
 
 
 def _show_slice(volume: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -26,11 +26,11 @@ def _show_slice(volume: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray,
 def save_figure(fig, out) -> Path:
     """Write a figure atomically (temp file + rename) and close it."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out, out.suffix) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return out
 
 
