@@ -28,8 +28,8 @@ from monai.inferers import Inferer
 from torch.utils.data import ConcatDataset
 
 from custom_components import metrics as M
-from custom_components.utils import (as_bool, atomic_path, json_safe, mlflow_metric_name, write_json_atomic,
-                                     write_text_atomic)
+from custom_components.utils import (as_bool, atomic_path, check_choice, json_safe, mlflow_metric_name,
+                                     write_json_atomic, write_text_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,6 @@ GRID_COLUMNS = ("input", "reconstruction", "residual", "prediction", "ground tru
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_reconstruction(reconstruction: str) -> str:
-    value = str(reconstruction).lower()
-    if value not in RECONSTRUCTIONS:
-        raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {reconstruction!r}.")
-    return value
-
-
 def fpr_label(rate: float) -> str:
     """The key of a false-positive-rate threshold in the outputs: 0.01 -> ``"1%"``."""
     return f"{float(rate) * 100:g}%"
@@ -87,7 +80,7 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None) 
 
 def checkpoint_path(path, reconstruction: str = "ddpm") -> str | None:
     """``path`` when it is needed and exists; None for the intensity baseline; a clear error otherwise."""
-    if _check_reconstruction(reconstruction) == "none":
+    if check_choice("reconstruction", reconstruction, RECONSTRUCTIONS, lower=True) == "none":
         return None
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(
@@ -113,7 +106,7 @@ class VolumeReconstructionInferer(Inferer):
 
     def __init__(self, slice_inferer: Inferer | None = None, reconstruction: str = "ddpm") -> None:
         super().__init__()
-        self.reconstruction = _check_reconstruction(reconstruction)
+        self.reconstruction = check_choice("reconstruction", reconstruction, RECONSTRUCTIONS, lower=True)
         if self.reconstruction != "none" and slice_inferer is None:
             raise ValueError("VolumeReconstructionInferer needs a slice_inferer unless reconstruction is 'none'.")
         self.slice_inferer = slice_inferer
@@ -227,10 +220,8 @@ class AnomalyProtocol:
         median_size: int = 5,
         bisection_steps: int = 10,
     ) -> None:
-        if threshold_method not in THRESHOLD_METHODS:
-            raise ValueError(f"threshold_method must be one of {THRESHOLD_METHODS}, got {threshold_method!r}.")
-        if region not in M.REGIONS:
-            raise ValueError(f"region must be one of {M.REGIONS}, got {region!r}.")
+        check_choice("threshold_method", threshold_method, THRESHOLD_METHODS)
+        check_choice("region", region, M.REGIONS)
         self.threshold_method, self.region, self.median_size = threshold_method, region, int(median_size)
         self.fpr_rates = tuple(float(r) for r in fpr_rates)
         self.bisection_steps = int(bisection_steps)

@@ -23,6 +23,7 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 from .noise import NOISE_TYPES, make_noise
+from .utils import check_choice
 
 __all__ = ["ddpm_scheduler", "ReconstructionPrepareBatch", "ReconstructionInferer"]
 
@@ -30,13 +31,6 @@ __all__ = ["ddpm_scheduler", "ReconstructionPrepareBatch", "ReconstructionInfere
 def ddpm_scheduler(num_train_timesteps: int = 1000, schedule: str = "cosine") -> DDPMScheduler:
     """MONAI's DDPM scheduler as the reference uses it: cosine beta schedule, x0 ("sample") prediction."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule, prediction_type="sample")
-
-
-def _check_noise_type(noise_type: str) -> str:
-    noise_type = str(noise_type).lower()
-    if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
-    return noise_type
 
 
 class ReconstructionPrepareBatch(DiffusionPrepareBatch):
@@ -62,7 +56,7 @@ class ReconstructionPrepareBatch(DiffusionPrepareBatch):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
-        self.noise_type = _check_noise_type(noise_type)
+        self.noise_type = check_choice("noise_type", noise_type, NOISE_TYPES, lower=True)
         self.generator = generator
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,7 +102,7 @@ class ReconstructionInferer(Inferer):
         bad = [t for t in self.timesteps if not 1 <= t <= num_steps]
         if bad:
             raise ValueError(f"timesteps must lie in [1, {num_steps}], got {bad}.")
-        self.noise_type = _check_noise_type(noise_type)
+        self.noise_type = check_choice("noise_type", noise_type, NOISE_TYPES, lower=True)
         self.return_members = return_members
         self.divisible_by = divisible_by
         self.generator = generator

@@ -1,5 +1,5 @@
-"""Small helpers the bundles share: atomic file writes (a reader never sees half a file), yes/no flags and
-MLflow-safe metric names."""
+"""Small helpers the bundles share: atomic file writes (a reader never sees half a file), yes/no flags, choice
+checks and MLflow-safe metric names."""
 
 from __future__ import annotations
 
@@ -71,6 +71,15 @@ def as_bool(value, name: str = "value") -> bool:
             return False
         raise ValueError(f"{name} must be true or false, got {value!r}.")
     return bool(value)
+
+
+def check_choice(name: str, value, choices: tuple, lower: bool = False) -> str:
+    """``value`` (lower-cased first when ``lower``) if it is one of ``choices``; else a ValueError that names
+    the setting."""
+    key = str(value).lower() if lower else value
+    if key not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+    return key
 
 
 def mlflow_metric_name(key: str) -> str:
