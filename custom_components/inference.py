@@ -380,7 +380,7 @@ class AnomalySegmentd(MapTransform):
         d["threshold"] = self.value
         for key in self.key_iterator(d):
             anomaly = _as_numpy(d[key])[0]
-            seg = M.remove_small_components(anomaly > np.float32(self.value)) & mask
+            seg = M.segment(anomaly, self.value, mask)
             d[self.output_key] = MetaTensor(torch.from_numpy(seg.astype(np.float32))[None], meta=dict(d[key].meta))
         return d
 

@@ -615,6 +615,13 @@ def _hausdorff(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(distance.item())
 
 
+def segment(residual, threshold: float, region=None) -> np.ndarray:
+    """The anomaly segmentation of a post-processed residual: ``residual > threshold`` without 3D components of
+    <= 7 voxels, limited to ``region`` (a boolean volume) when given. Evaluation and inference both use it."""
+    pred = remove_small_components(_above(_volume(residual, "residual"), threshold))
+    return pred if region is None else pred & (np.asarray(region) > 0)
+
+
 def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str = "brain") -> dict:
     """Metrics of the segmentation ``residual > threshold`` after removing components of <= 7 voxels.
 
@@ -624,7 +631,7 @@ def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str =
     precision, recall, specificity, hausdorff and the counts tp, fp, fn, tn.
     """
     residual, seg, _, roi = _inputs(residual, seg, brain_mask, region)
-    pred = remove_small_components(_above(residual, threshold)) & roi
+    pred = segment(residual, threshold, roi)
     truth = seg & roi
     tp = int(np.count_nonzero(pred & truth))
     n_pred, n_true, n_roi = int(np.count_nonzero(pred)), int(np.count_nonzero(truth)), int(np.count_nonzero(roi))
@@ -720,10 +727,15 @@ def fpr_thresholds(healthy_residuals, brain_masks, rates: Iterable[float] = DEFA
         residual, mask = _volume(residual, f"healthy_residuals[{i}]"), _volume(mask, f"brain_masks[{i}]") > 0
         _same_shape(residual, mask, f"healthy_residuals[{i}] / brain_masks[{i}]")
         pooled.append(residual[mask])
-    values = np.concatenate(pooled)
+    return thresholds_at_fpr(np.concatenate(pooled), rates)
+
+
+def thresholds_at_fpr(values, rates: Iterable[float] = DEFAULT_FPR_RATES) -> dict:
+    """``fpr_thresholds`` of already pooled healthy values (any region): ``{rate: t}``."""
+    values = np.asarray(values).ravel()
     n = values.size
     if n == 0:
-        raise ValueError("fpr_thresholds: the brain masks are empty.")
+        raise ValueError("fpr_thresholds: no healthy value to pool (empty brain masks?).")
     out = {}
     for rate in rates:
         if not 0.0 <= rate < 1.0:
