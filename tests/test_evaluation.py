@@ -11,7 +11,9 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from custom_components.evaluation import AnomalyProtocol, VolumeReconstructionInferer, fpr_label
+from custom_components.evaluation import VolumeReconstructionInferer
+from custom_components.scoring import (PROTOCOLS, THRESHOLD_METHODS, fpr_label, reconstruction_errors,
+                                         score_maps)
 from custom_components.inference import InputError, PrepareInputd, check_volume, inference_items, resolve_threshold
 from tests.conftest import REPO, run_bundle
 
@@ -53,62 +55,117 @@ def _volume(background: float, block: tuple, value: float) -> tuple[np.ndarray, 
     return image, mask
 
 
-def test_protocol_thresholds_and_scores_on_hand_made_volumes():
-    # healthy: 0.2 in the brain and a 16^3 block at 0.9. After the 5^3 median filter the block keeps
-    # 12^3 + 3*2*12*12 = 3608 voxels (edges and corners go), 2.5 % of the 144000 brain voxels, so
-    # 1 % FPR needs t = 0.9 while 5 % and 10 % allow everything above 0.2.
+def _write_maps(root, splits: dict, settings=None):
+    """A maps folder as evaluate.yaml writes it: ``splits`` = {split: [(name, image, recon, mask, seg), ...]}."""
+    manifest = {"settings": settings or {}, "splits": {}}
+    for split, volumes in splits.items():
+        manifest["splits"][split] = {"dataset": split.split("_")[0], "volumes": [v[0] for v in volumes]}
+        for name, image, recon, mask, seg in volumes:
+            kinds = {"image": image, "reconstruction": recon, "residual": np.abs(image - recon),
+                     "mask": mask.astype(np.uint8)}
+            if seg is not None:
+                kinds["seg"] = seg.astype(np.uint8)
+            for kind, array in kinds.items():
+                (root / split).mkdir(parents=True, exist_ok=True)
+                nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), root / split / f"{name}_{kind}.nii.gz")
+    (root / "maps.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def hand_made_maps(tmp_path):
+    """Healthy IXI val (0.2 in the brain, a 16^3 block at 0.9), a lesion set (a 12^3 block at 0.8 = the
+    segmentation, in 0.2) and IXI_test, all with reconstruction 0 (residual = intensity)."""
     healthy, mask = _volume(0.2, (slice(30, 46), slice(30, 46), slice(15, 31)), 0.9)
-    # lesion volume: a 12^3 block at 0.8 (= the segmentation) in 0.2; the median filter keeps
-    # (2+8)^3 + 3*2*8*8 = 1384 of its 1728 voxels, so any threshold in [0.2, 0.8) gives Dice
-    # 2*1384 / (1384 + 1728).
     lesion_block = (slice(30, 42), slice(30, 42), slice(15, 27))
     lesion, _ = _volume(0.2, lesion_block, 0.8)
     seg = np.zeros(SHAPE, bool)
     seg[lesion_block] = True
-    zero = np.zeros(SHAPE, np.float32)  # reconstruction 0: residual = intensity
-    expected_dice = 2 * 1384 / (1384 + 1728)
-
-    protocol = AnomalyProtocol(threshold_method="bisection")
-    assert protocol.add("healthy", "IXI", "IXI_val_fold0", "h", healthy, zero, mask) is None
-    assert protocol.add("val", "Set", "Set_val", "v", lesion, zero, mask, seg) is None
-    result = protocol.add("test", "Set", "Set_test", "t", lesion, zero, mask, seg)
-    assert result["prediction"].sum() == 1384 and result["prediction"][lesion_block].sum() == 1384
-
-    assert protocol.fpr == {"1%": pytest.approx(0.9), "5%": pytest.approx(0.2), "10%": pytest.approx(0.2)}
-    report = protocol.thresholds["Set"]["methods"]
-    for method in ("bisection", "exact"):
-        assert 0.2 <= report[method]["threshold"] < 0.8
-        assert report[method]["val_dice"] == pytest.approx(expected_dice)
-
-    row = result["row"]
-    assert row["dice"] == pytest.approx(expected_dice) and row["exact_dice"] == pytest.approx(expected_dice)
-    assert row["best_dice"] == pytest.approx(expected_dice)
-    assert row["fpr1%_dice"] == 0.0  # nothing lies above 0.9
-    assert row["fpr5%_dice"] == pytest.approx(expected_dice)
-    assert row["precision"] == 1.0 and row["lesion_voxels"] == 1728
-
-    results = protocol.finish()
-    assert results["IXI"]["fpr_thresholds"]["1%"] == pytest.approx(0.9)
-    entry = results["Set"]
-    assert entry["threshold_method"] == "bisection" and entry["thresholds"]["found_on"] == "Set_val"
-    assert entry["metrics"]["dice"]["mean"] == pytest.approx(expected_dice) and entry["metrics"]["dice"]["n"] == 1
-    assert "fpr" in entry["metrics"]  # the false-positive rate itself is a metric too
-    assert entry["metrics_at_exact"]["dice"]["mean"] == pytest.approx(expected_dice)
-    assert entry["fpr"]["1%"]["metrics"]["dice"]["mean"] == 0.0
-
-
-def test_protocol_refuses_out_of_order_volumes():
-    image, mask = _volume(0.2, (slice(30, 40),) * 3, 0.8)
-    seg = image > 0.5
     zero = np.zeros(SHAPE, np.float32)
-    with pytest.raises(ValueError, match="healthy IXI validation split first"):
-        AnomalyProtocol().add("val", "Set", "Set_val", "v", image, zero, mask, seg)
-    protocol = AnomalyProtocol()
-    protocol.add("healthy", "IXI", "IXI_val_fold0", "h", image, zero, mask)
-    with pytest.raises(ValueError, match="No Set validation volume"):
-        protocol.add("test", "Set", "Set_test", "t", image, zero, mask, seg)
-    with pytest.raises(ValueError, match="Set_val volume v: residual contains NaN"):
-        protocol.add("val", "Set", "Set_val", "v", image, np.full(SHAPE, np.nan, np.float32), mask, seg)
+    maps = _write_maps(tmp_path / "maps", {
+        "IXI_val_fold0": [("h", healthy, zero, mask, None)],
+        "IXI_test": [("t", healthy, zero, mask, None)],
+        "Set_val": [("v", lesion, zero, mask, seg)],
+        "Set_test": [("t", lesion, zero, mask, seg)],
+    })
+    return maps, lesion_block
+
+
+def test_score_thresholds_and_metrics_on_hand_made_maps(hand_made_maps, tmp_path):
+    # After the 5^3 median filter the healthy block keeps 12^3 + 3*2*12*12 = 3608 voxels (edges and corners go):
+    # 2.5 % of the 144000 brain voxels and 1.1 % of all 320000, so 1 % FPR needs t = 0.9 in both regions while
+    # 5 % and 10 % allow everything above 0.2. The lesion block keeps (2+8)^3 + 3*2*8*8 = 1384 of its 1728
+    # voxels, so any threshold in [0.2, 0.8) gives Dice 2*1384 / (1384 + 1728).
+    maps, lesion_block = hand_made_maps
+    expected_dice = 2 * 1384 / (1384 + 1728)
+    results = {}
+    for protocol in PROTOCOLS:
+        results[protocol] = score_maps(maps, tmp_path / protocol, protocol=protocol)
+        out = results[protocol]
+        assert out["IXI"]["fpr_thresholds"] == {"1%": pytest.approx(0.9), "5%": pytest.approx(0.2),
+                                                "10%": pytest.approx(0.2)}
+        entry = out["Set"]
+        assert entry["threshold_method"] == "bisection" and entry["thresholds"]["found_on"] == "Set_val"
+        for method in THRESHOLD_METHODS:
+            assert 0.2 <= entry["thresholds"][method]["threshold"] < 0.8
+            assert entry["thresholds"][method]["val_dice"] == pytest.approx(expected_dice)
+        assert entry["metrics"]["dice"]["mean"] == pytest.approx(expected_dice) and entry["metrics"]["dice"]["n"] == 1
+        assert entry["metrics"]["best_dice"]["mean"] == pytest.approx(expected_dice)
+        assert entry["metrics_at_exact"]["dice"]["mean"] == pytest.approx(expected_dice)
+        assert entry["fpr"]["1%"]["metrics"]["dice"]["mean"] == 0.0  # nothing lies above 0.9
+        assert entry["fpr"]["5%"]["metrics"]["dice"]["mean"] == pytest.approx(expected_dice)
+        assert entry["metrics"]["precision"]["mean"] == 1.0 and entry["metrics"]["lesion_voxels"]["mean"] == 1728
+        # IXI_test: L1 / L2 of the whole volume against a zero reconstruction
+        healthy = nib.load(maps / "IXI_test" / "t_image.nii.gz").get_fdata()
+        assert out["IXI"]["metrics"]["l1"]["mean"] == pytest.approx(healthy.mean())
+        assert out["IXI"]["metrics"]["l2"]["mean"] == pytest.approx((healthy**2).mean())
+        rows = pd.read_csv(tmp_path / protocol / "per_volume.csv")
+        assert set(rows["split"]) == {"Set_test", "IXI_test"}
+        assert (tmp_path / protocol / "Set_grid.png").read_bytes()[:8] == PNG_MAGIC
+    # the reference counts every voxel of the volume, the project only brain voxels
+    assert results["reference"]["settings"]["region"] == "volume" and results["project"]["settings"]["region"] == "brain"
+    tn = {p: results[p]["Set"]["metrics"]["tn"]["mean"] for p in PROTOCOLS}
+    assert tn["reference"] - tn["project"] == np.prod(SHAPE) - 144000
+    assert results["reference"]["Set"]["metrics"]["auroc"]["mean"] > results["project"]["Set"]["metrics"]["auroc"]["mean"]
+
+
+def test_reference_scores_the_raw_reconstruction_and_project_clips_it(tmp_path):
+    image, mask = _volume(0.5, (slice(30, 40),) * 3, 1.0)
+    recon = image.copy()
+    recon[image == 1.0] = 1.5  # the network overshoots where the image is brightest
+    maps = _write_maps(tmp_path / "maps", {"IXI_test": [("t", image, recon, mask, None)]})
+    reference = score_maps(maps, tmp_path / "r", protocol="reference")["IXI"]["metrics"]["l1"]["mean"]
+    project = score_maps(maps, tmp_path / "p", protocol="project")["IXI"]["metrics"]["l1"]["mean"]
+    assert reference == pytest.approx(0.5 * 1000 / np.prod(SHAPE)) and project == 0.0
+    unclipped = score_maps(maps, tmp_path / "u", protocol="project", clamp="false")["IXI"]["metrics"]["l1"]["mean"]
+    assert unclipped == pytest.approx(reference)
+    baseline = score_maps(maps, tmp_path / "b", baseline=True)["IXI"]["metrics"]["l1"]["mean"]
+    assert baseline == pytest.approx(image.mean())
+
+
+def test_reconstruction_errors_inside_and_outside_the_lesion():
+    image = np.zeros((4, 4, 4), np.float32)
+    recon = np.full((4, 4, 4), 0.5, np.float32)
+    seg = np.zeros((4, 4, 4), bool)
+    seg[0, 0, 0] = True
+    recon[seg] = 1.0
+    errors = reconstruction_errors(image, recon, seg)
+    assert errors["l1_lesion"] == 1.0 and errors["l1_healthy"] == 0.5
+    assert errors["l2_lesion"] == 1.0 and errors["l2_healthy"] == 0.25
+    assert errors["l1"] == pytest.approx((1.0 + 63 * 0.5) / 64)
+    assert np.isnan(reconstruction_errors(image, recon)["l1_lesion"])
+
+
+def test_score_refuses_an_unfinished_maps_folder_and_missing_labels(tmp_path, hand_made_maps):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="maps.json does not exist"):
+        score_maps(tmp_path / "empty", tmp_path / "out")
+    maps, _ = hand_made_maps
+    (maps / "Set_val" / "v_seg.nii.gz").unlink()
+    with pytest.raises(ValueError, match="Set_val volume v has no segmentation"):
+        score_maps(maps, tmp_path / "out")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        score_maps(maps, tmp_path / "out", protocol="paper")
 
 
 def test_fpr_label():
@@ -143,6 +200,8 @@ def test_volume_inferer_scales_and_keeps_slice_order():
     assert torch.equal(black(volumes, None), torch.zeros_like(volumes))
     overshoot = VolumeReconstructionInferer(_Recorder(lambda x: x * 0 + 5))  # clipped to 1
     assert torch.equal(overshoot(volumes, None), torch.ones_like(volumes))
+    raw = VolumeReconstructionInferer(_Recorder(lambda x: x * 0 + 5), clamp=False)  # the maps keep the raw value
+    assert torch.equal(raw(volumes, None), torch.full_like(volumes, 3.0))
     baseline = VolumeReconstructionInferer(None, reconstruction="none")
     assert torch.equal(baseline(volumes, network=None), torch.zeros_like(volumes))
     with pytest.raises(ValueError, match="reconstruction must be one of"):

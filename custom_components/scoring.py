@@ -1,0 +1,326 @@
+"""The model-free half of the BraTS21 / MSLUB / IXI evaluation: score a maps folder under a protocol.
+
+``score_maps`` reads what ``evaluate.yaml`` wrote (``SaveMaps``) and, in seconds, applies the protocol:
+
+1. per volume the residual |image - reconstruction| (reconstruction clipped to [0, 1] when ``clamp``),
+   times the brain mask eroded per slice, 3D median filter (``metrics.postprocess_residual``);
+2. the healthy IXI val split gives the thresholds at 1 / 5 / 10 % voxel false-positive rate;
+3. per lesion data set, the Dice-optimal threshold on its pooled val split (both search methods, the
+   protocol uses ``threshold_method``), then the per-volume metrics of its test split;
+4. IXI_test gives the reconstruction error (mean L1 and L2 over the whole volume, unmasked).
+
+``region`` says which voxels count (``volume``: all of them, as the reference; ``brain``: the brain mask).
+Writes ``metrics.json``, ``per_volume.csv`` and one ``<dataset>_grid.png`` per lesion data set.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from custom_components import metrics as M
+from custom_components.evaluation import MANIFEST
+from custom_components.utils import as_bool, check_choice, json_safe, mlflow_metric_name, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PROTOCOLS", "THRESHOLD_METHODS", "HEALTHY_DATASET", "read_manifest", "iter_maps", "residual_map",
+           "reconstruction_errors", "score_maps", "flat_metrics", "fpr_label"]
+
+PROTOCOLS = ("reference", "project")
+THRESHOLD_METHODS = ("bisection", "exact")
+HEALTHY_DATASET = "IXI"
+GRID_COLUMNS = ("input", "reconstruction", "residual", "prediction", "ground truth")
+
+
+def fpr_label(rate: float) -> str:
+    """The key of a false-positive-rate threshold in the outputs: 0.01 -> ``"1%"``."""
+    return f"{float(rate) * 100:g}%"
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a maps folder
+# ----------------------------------------------------------------------------------------------
+
+
+def read_manifest(maps_dir) -> dict:
+    """The ``maps.json`` of a maps folder, or an error that says how to make one."""
+    path = Path(maps_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {maps_dir} is not a finished maps folder. Write one with "
+                                "cond_ddpm's evaluate.yaml (--output_dir MAPS_DIR), then score it.")
+    import json
+
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path} lists no splits.")
+    return manifest
+
+
+def iter_maps(maps_dir, split: str, names: Sequence[str], kinds=("image", "reconstruction", "mask", "seg")
+              ) -> Iterator[dict]:
+    """``{"name", <kind>: (H, W, D) array}`` per volume of ``split``; a missing ``seg`` is None (healthy)."""
+    import nibabel as nib
+
+    folder = Path(maps_dir) / split
+    for name in names:
+        item: dict[str, Any] = {"name": name}
+        for kind in kinds:
+            path = folder / f"{name}_{kind}.nii.gz"
+            if not path.is_file():
+                if kind == "seg":
+                    item[kind] = None
+                    continue
+                raise FileNotFoundError(f"{path} is missing from the maps folder {maps_dir}.")
+            item[kind] = np.asanyarray(nib.load(str(path)).dataobj)
+        yield item
+
+
+# ----------------------------------------------------------------------------------------------
+# per volume
+# ----------------------------------------------------------------------------------------------
+
+
+def residual_map(image, reconstruction, mask, median_size: int = 5) -> np.ndarray:
+    """The post-processed residual of one volume: |image - reconstruction| x eroded brain mask, median filtered."""
+    return M.postprocess_residual(np.abs(image - reconstruction).astype(np.float32), mask > 0, median_size)
+
+
+def reconstruction_errors(image, reconstruction, seg=None) -> dict[str, float]:
+    """Mean L1 and L2 (squared) error over the whole volume, and inside / outside the lesion when there is one."""
+    diff = (np.asarray(image, np.float64) - np.asarray(reconstruction, np.float64)).ravel()
+    out = {"l1": float(np.abs(diff).mean()), "l2": float((diff**2).mean())}
+    lesion = np.zeros(diff.size, bool) if seg is None else np.asarray(seg).ravel() > 0
+    for part, where in (("lesion", lesion), ("healthy", ~lesion)):
+        out[f"l1_{part}"] = float(np.abs(diff[where]).mean()) if where.any() else math.nan
+        out[f"l2_{part}"] = float((diff[where] ** 2).mean()) if where.any() else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the protocol
+# ----------------------------------------------------------------------------------------------
+
+
+def _role(split: str) -> str:
+    for role in ("val", "test"):
+        if f"_{role}" in split:
+            return role
+    raise ValueError(f"Split {split} is neither a val nor a test split.")
+
+
+class _Grid:
+    """The ``size`` test volumes with the largest lesion slice, their slice as panels."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.heap = int(size), []
+
+    def offer(self, name: str, image, recon, residual, prediction, seg) -> None:
+        if self.size <= 0 or seg is None:
+            return
+        area = seg.sum(axis=(0, 1))
+        z = int(np.argmax(area))
+        entry = (float(area[z]), len(self.heap), name, z,
+                 [a[:, :, z].astype(np.float32) for a in (image, recon, residual, prediction, seg)])
+        (heapq.heappush if len(self.heap) < self.size else heapq.heappushpop)(self.heap, entry)
+
+    def write(self, path: Path, title: str) -> None:
+        if not self.heap:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from custom_components.preview import save_figure
+
+        entries = sorted(self.heap, reverse=True)
+        fig, axes = plt.subplots(len(entries), len(GRID_COLUMNS), figsize=(2.0 * len(GRID_COLUMNS), 2.1 * len(entries)),
+                                 squeeze=False)
+        vmax = max(float(e[4][2].max()) for e in entries) or 1.0
+        for r, (_, _, name, z, panels) in enumerate(entries):
+            for c, (column, panel) in enumerate(zip(GRID_COLUMNS, panels)):
+                ax = axes[r, c]
+                ax.axis("off")
+                cmap, top = ("inferno", vmax) if c == 2 else ("gray", 1.0)
+                ax.imshow(np.rot90(panel), cmap=cmap, vmin=0, vmax=top)
+                if r == 0:
+                    ax.set_title(column, fontsize=8)
+            axes[r, 0].text(-0.04, 0.5, f"{name}\nz={z}", transform=axes[r, 0].transAxes, rotation=90,
+                            fontsize=6, ha="right", va="center")
+        fig.suptitle(f"{title} (residual scale 0-{vmax:.3g})", fontsize=9)
+        save_figure(fig, path)
+
+
+def score_maps(
+    maps_dir,
+    output_dir,
+    protocol: str = "reference",
+    region: str | None = None,
+    clamp: bool | None = None,
+    threshold_method: str = "bisection",
+    fpr_rates: Sequence[float] = M.DEFAULT_FPR_RATES,
+    baseline: bool = False,
+    grid_slices: int = 6,
+    median_size: int = 5,
+    bisection_steps: int = 10,
+) -> dict:
+    """Score the maps folder ``maps_dir`` and write the results to ``output_dir``; returns metrics.json's content.
+
+    ``region`` and ``clamp`` default to the ``protocol``'s choice (reference: every voxel, no clamp; project:
+    brain voxels, reconstruction clipped to [0, 1]). ``baseline``: the intensity baseline, residual = image.
+    """
+    import pandas as pd
+
+    check_choice("protocol", protocol, PROTOCOLS)
+    region = region or ("volume" if protocol == "reference" else "brain")
+    clamp = (protocol != "reference") if clamp is None else as_bool(clamp, "clamp")
+    baseline = as_bool(baseline, "baseline")
+    check_choice("region", region, M.REGIONS)
+    check_choice("threshold_method", threshold_method, THRESHOLD_METHODS)
+    manifest = read_manifest(maps_dir)
+    splits = manifest["splits"]
+    output_dir = Path(output_dir)
+    settings = {"maps_dir": str(maps_dir), "protocol": protocol, "region": region, "clamp": clamp,
+                "threshold_method": threshold_method, "fpr_rates": [float(r) for r in fpr_rates],
+                "baseline": bool(baseline), "median_size": median_size, "bisection_steps": bisection_steps,
+                "maps": manifest.get("settings", {})}
+
+    def volumes(split: str) -> Iterator[dict]:
+        for item in iter_maps(maps_dir, split, splits[split]["volumes"]):
+            if baseline:
+                item["reconstruction"] = np.zeros_like(item["image"])
+            elif clamp:
+                item["reconstruction"] = np.clip(item["reconstruction"], 0, 1)
+            item["residual"] = residual_map(item["image"], item["reconstruction"], item["mask"], median_size)
+            item["roi"] = item["mask"] > 0 if region == "brain" else np.ones(item["mask"].shape, bool)
+            yield item
+
+    by_role: dict[tuple[str, str], str] = {}
+    for split, entry in splits.items():
+        key = (entry["dataset"], _role(split))
+        if key in by_role:
+            raise ValueError(f"{maps_dir}: two {key[1]} splits of {key[0]} ({by_role[key]}, {split}).")
+        by_role[key] = split
+
+    results: dict[str, Any] = {"settings": settings}
+    rows: list[dict] = []
+    # 2. healthy thresholds at fixed voxel false-positive rates
+    fpr: dict[str, float] = {}
+    healthy = by_role.get((HEALTHY_DATASET, "val"))
+    if healthy:
+        pooled = [item["residual"][item["roi"]] for item in volumes(healthy)]
+        fpr = {fpr_label(rate): t for rate, t in M.thresholds_at_fpr(np.concatenate(pooled), fpr_rates).items()}
+        results[HEALTHY_DATASET] = {"split": healthy, "n_volumes": len(pooled),
+                                    "n_voxels": int(sum(map(len, pooled))), "fpr_thresholds": fpr}
+    # 3. lesion data sets: threshold on val, metrics on test
+    for (dataset, role), val_split in by_role.items():
+        if dataset == HEALTHY_DATASET or role != "val":
+            continue
+        values, labels = [], []
+        for item in volumes(val_split):
+            if item["seg"] is None:
+                raise ValueError(f"{val_split} volume {item['name']} has no segmentation: a val split needs lesion labels.")
+            values.append(item["residual"][item["roi"]])
+            labels.append(item["seg"][item["roi"]] > 0)
+        values, labels = np.concatenate(values), np.concatenate(labels)
+        methods = {}
+        for method in THRESHOLD_METHODS:
+            dice, threshold = M.find_best_threshold(values, labels, method=method, steps=bisection_steps)
+            methods[method] = {"threshold": float(threshold), "val_dice": float(dice)}
+        chosen = methods[threshold_method]
+        entry = {"threshold": chosen["threshold"], "threshold_method": threshold_method, "val_dice": chosen["val_dice"],
+                 "thresholds": {**methods, "found_on": val_split, "n_val_volumes": len(splits[val_split]["volumes"]),
+                                "n_val_voxels": int(values.size), "val_lesion_voxels": int(labels.sum())}}
+        del values, labels
+        test_split = by_role.get((dataset, "test"))
+        grid, test_rows = _Grid(grid_slices), []
+        for item in volumes(test_split) if test_split else ():
+            seg = item["seg"] if item["seg"] is not None else np.zeros(item["image"].shape, bool)
+            try:
+                row = M.volume_metrics(item["residual"], seg, item["mask"], chosen["threshold"], region=region)
+            except ValueError as e:
+                raise ValueError(f"{test_split} volume {item['name']}: {e}") from e
+            row = {"dataset": dataset, "split": test_split, "name": item["name"], "threshold": chosen["threshold"], **row,
+                   **reconstruction_errors(item["image"], item["reconstruction"], seg)}
+            for method, found in methods.items():
+                if method != threshold_method:
+                    at = M.threshold_metrics(item["residual"], seg, item["mask"], found["threshold"], region)
+                    row.update({f"{method}_{k}": v for k, v in at.items()})
+            for label, t in fpr.items():
+                at = M.threshold_metrics(item["residual"], seg, item["mask"], t, region)
+                row.update({f"fpr{label}_{k}": v for k, v in at.items()})
+            test_rows.append(row)
+            prediction = M.segment(item["residual"], chosen["threshold"], item["roi"])
+            grid.offer(item["name"], item["image"], item["reconstruction"], item["residual"], prediction, item["seg"])
+        summary = M.summarize(test_rows)
+        others = tuple(f"{m}_" for m in THRESHOLD_METHODS) + tuple(f"fpr{label}_" for label in fpr)
+        entry.update(test_split=test_split, n_test_volumes=len(test_rows),
+                     metrics={k: v for k, v in summary.items() if k != "threshold" and not k.startswith(others)})
+        for method in THRESHOLD_METHODS:
+            if method != threshold_method:
+                entry[f"metrics_at_{method}"] = _prefixed(summary, f"{method}_")
+        entry["fpr"] = {label: {"threshold": t, "metrics": _prefixed(summary, f"fpr{label}_")} for label, t in fpr.items()}
+        results[dataset] = entry
+        rows += test_rows
+        grid.write(output_dir / f"{dataset}_grid.png",
+                   f"{dataset}: largest lesions, threshold {chosen['threshold']:.4g} ({protocol} protocol)")
+    # 4. reconstruction error of healthy test volumes
+    ixi_test = by_role.get((HEALTHY_DATASET, "test"))
+    if ixi_test:
+        test_rows = []
+        for item in volumes(ixi_test):
+            errors = reconstruction_errors(item["image"], item["reconstruction"])
+            test_rows.append({"dataset": HEALTHY_DATASET, "split": ixi_test, "name": item["name"],
+                              "l1": errors["l1"], "l2": errors["l2"],
+                              "volume_score": float(item["residual"][item["mask"] > 0].mean(dtype=np.float64))})
+        results.setdefault(HEALTHY_DATASET, {}).update(test_split=ixi_test, n_test_volumes=len(test_rows),
+                                                       metrics=M.summarize(test_rows))
+        rows += test_rows
+    results = json_safe(results)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output_dir / "metrics.json", results)
+    write_text_atomic(output_dir / "per_volume.csv", pd.DataFrame(rows).to_csv(index=False))
+    logger.info("Scores of %s (%s protocol) written to %s", maps_dir, protocol, output_dir)
+    return results
+
+
+def _prefixed(summary: Mapping, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
+
+
+def flat_metrics(results: Mapping) -> dict[str, float]:
+    """The numbers worth tracking, flattened to MLflow-safe names (``Brats21/dice``, ``Brats21/fpr5pct/dice``)."""
+    flat: dict[str, float] = {}
+
+    def put(key: str, value) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            flat[mlflow_metric_name(key)] = float(value)
+
+    healthy = results.get(HEALTHY_DATASET, {})
+    for label, t in healthy.get("fpr_thresholds", {}).items():
+        put(f"{HEALTHY_DATASET}/fpr{label}_threshold", t)
+    for metric, stats in healthy.get("metrics", {}).items():
+        put(f"{HEALTHY_DATASET}/{metric}", stats["mean"])
+    for dataset, entry in results.items():
+        if dataset in (HEALTHY_DATASET, "settings"):
+            continue
+        put(f"{dataset}/threshold", entry["threshold"])
+        put(f"{dataset}/val_dice", entry["val_dice"])
+        for method in THRESHOLD_METHODS:
+            put(f"{dataset}/{method}_threshold", entry["thresholds"][method]["threshold"])
+        for metric, stats in entry["metrics"].items():
+            put(f"{dataset}/{metric}", stats["mean"])
+        for method in THRESHOLD_METHODS:
+            for metric, stats in entry.get(f"metrics_at_{method}", {}).items():
+                put(f"{dataset}/{method}/{metric}", stats["mean"])
+        for label, fpr in entry["fpr"].items():
+            for metric, stats in fpr["metrics"].items():
+                put(f"{dataset}/fpr{label}/{metric}", stats["mean"])
+    return flat
