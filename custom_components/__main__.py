@@ -41,6 +41,33 @@ def demo(workdir: str, force: bool = False, seed: int = 0, size: str = "default"
         sys.exit(1)
 
 
+def summarize_folds(runs, out: str) -> str:
+    """Write ``out/table.json`` and ``out/table.md``: the paper's table from each fold's score output (mean, std of
+    the fold means, each fold's value, the published values beside)."""
+    from custom_components.folds import summarize_folds as run_summary
+
+    if isinstance(runs, str):  # "[R0,R1]" of unquoted paths arrives as one string
+        runs = [r.strip().strip("'\"") for r in runs.strip().strip("[]").split(",") if r.strip()]
+    out_dir = run_summary(list(runs), out)
+    print((out_dir / "table.md").read_text())
+    return str(out_dir)
+
+
+def reproduce(data_root: str, workdir: str, folds=None, nova_fold: int | None = None, protocol: str = "reference",
+              size: str = "paper", seed: int = 0, force: bool = False, verbose: bool = False,
+              tracking_uri: str | None = None) -> None:
+    """Per fold encoder -> cond_ddpm -> maps -> scores, then NOVA with one fold's model, then the fold table."""
+    from custom_components.demo import DemoError
+    from custom_components.reproduce import reproduce as run_reproduce
+
+    try:
+        run_reproduce(data_root, workdir, folds=folds, nova_fold=nova_fold, protocol=protocol, size=size, seed=seed,
+                      force=force, verbose=verbose, tracking_uri=tracking_uri)
+    except DemoError as err:
+        print(f"reproduce: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 def export_bundle(bundle: str, out: str, models: str | None = None, force: bool = False) -> None:
     """Write bundle ``bundle`` as a self-contained MONAI bundle folder ``out`` (configs, scripts, models, docs)."""
     from custom_components.export import ExportError
@@ -54,7 +81,7 @@ def export_bundle(bundle: str, out: str, models: str | None = None, force: bool 
 
 
 COMMANDS = {"demo_data": demo_data, "check_data": check_data, "preview": preview, "demo": demo,
-            "export_bundle": export_bundle}
+            "reproduce": reproduce, "summarize_folds": summarize_folds, "export_bundle": export_bundle}
 
 
 def main() -> None:

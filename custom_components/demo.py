@@ -42,6 +42,7 @@ PROFILES: dict[str, dict] = {
         "cond_ddpm": {"epochs": 10, "batch_size": 32, "slices_per_volume": 32, "num_workers": 2,
                       "learning_rate": 0.001, "val_interval": 5},
         "evaluate": {"num_workers": 2},
+        "score": {},
         "nova": {},
     },
     "tiny": {  # for tests: minutes on two cores, not meant to find lesions
@@ -50,7 +51,8 @@ PROFILES: dict[str, dict] = {
         "network": {"channels": [8, 16, 16]},
         "cond_ddpm": {"epochs": 2, "batch_size": 16, "slices_per_volume": 8, "num_workers": 0,
                       "learning_rate": 0.002, "val_interval": 1},
-        "evaluate": {"num_workers": 0, "grid_slices": 3},
+        "evaluate": {"num_workers": 0},
+        "score": {"grid_slices": 3},
         "nova": {},
     },
 }
@@ -81,7 +83,7 @@ def network_settings(size: str) -> dict:
 
 # metrics shown side by side in summary.json and report.md (means over the test volumes)
 MAIN_METRICS = ("dice", "auprc", "auroc", "slice_auroc", "slice_auprc", "precision", "recall", "specificity",
-                "fpr", "hd95")
+                "fpr", "hausdorff", "l1")
 NOVA_METRICS = ("mAP@30", "mAP@50", "mAP@50:95", "ACC@50", "TP@30", "FP@30", "GT@30")
 
 
@@ -178,14 +180,18 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
               outputs=[ddpm], folder=w / "cond_ddpm",
               description="conditional DDPM trained on healthy IXI slices, conditioned on the encoder", resumable=True),
     ]
-    for stage, reconstruction in (("eval_model", "ddpm"), ("eval_baseline", "none")):
+    maps = w / "eval" / "maps"
+    stages.append(Stage("maps", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+        **common, "output_dir": maps, "ckpt_path": ddpm, **profile["network"], **profile["evaluate"],
+        **tracking("maps")}), outputs=[maps / "maps.json"], folder=maps,
+        description="reconstructions and residual maps of the IXI, BraTS-like and MSLUB-like val and test splits"))
+    for stage, baseline in (("score_model", False), ("score_baseline", True)):
         out = w / "eval" / stage.split("_")[1]
-        stages.append(Stage(stage, bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
-            **common, "output_dir": out, "ckpt_path": ddpm, "reconstruction": reconstruction,
-            **profile["network"], **profile["evaluate"], **tracking(stage)}),
+        stages.append(Stage(stage, bundle_command("cond_ddpm", ["score.yaml"], {
+            "maps_dir": maps, "output_dir": out, "baseline": baseline, **profile["score"], **tracking(stage)}),
             outputs=[out / "metrics.json"], folder=out,
-            description=("evaluation of the model" if reconstruction == "ddpm" else "intensity baseline")
-            + " on the BraTS-like and MSLUB-like splits, thresholds from the val splits and healthy IXI"))
+            description=("the model's residual maps" if not baseline else "the intensity baseline")
+            + " scored: thresholds from the val splits and healthy IXI, metrics on the test splits"))
     nova = w / "nova"
     stages += [
         Stage("nova_predict", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
@@ -248,40 +254,39 @@ def _clear(path: Path) -> None:
         path.unlink()
 
 
-def _check_workdir(workdir: Path, settings: dict, force: bool) -> dict:
-    """The recorded stage states of ``workdir``; an error when it holds a demo of other settings (unless forced)."""
-    state = _read_json(workdir / STATE_FILE)
+def open_workdir(workdir: Path, settings: dict, force: bool, state_file: str = STATE_FILE) -> dict:
+    """The recorded stage states of ``workdir`` (written back at once, so the folder is ours before anything else
+    lands in it); an error when it holds a run of other settings (unless forced) or is another folder."""
+    state = _check_workdir(workdir, settings, force, state_file)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(workdir / state_file, state)
+    return state
+
+
+def _check_workdir(workdir: Path, settings: dict, force: bool, state_file: str) -> dict:
+    state = _read_json(workdir / state_file)
     if state is None:
         if workdir.is_dir() and any(workdir.iterdir()):
-            raise DemoError(f"{workdir} exists, is not empty and holds no {STATE_FILE}: it is not a demo work "
-                            "folder, and the demo would replace folders in it. Choose another --workdir.")
+            raise DemoError(f"{workdir} exists, is not empty and holds no {state_file}: it is not a work folder "
+                            "of this command, which would replace folders in it. Choose another --workdir.")
         return {"settings": settings, "stages": {}}
     if state.get("settings") != settings and not force:
-        raise DemoError(f"{workdir} holds a demo run with other settings ({state.get('settings')}); "
+        raise DemoError(f"{workdir} holds a run with other settings ({state.get('settings')}); "
                         f"pass --force to start it again with {settings}, or choose another --workdir.")
     if force:
         return {"settings": settings, "stages": {}}
     return state
 
 
-def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default", verbose: bool = False,
-             tracking_uri: str | None = None, runner: Callable[[Stage, Path, bool], None] = run_stage,
-             report: bool = True) -> Path:
-    """Run every unfinished stage of the demo in ``workdir`` and write ``summary.json`` and ``report.md``.
+def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = False, verbose: bool = False,
+               runner: Callable[[Stage, Path, bool], None] = run_stage, tracker: Tracker | None = None,
+               state_file: str = STATE_FILE) -> dict:
+    """Run every unfinished stage in order, recording each in ``state`` (``open_workdir``); returns ``state``.
 
     ``runner(stage, log_file, verbose)`` executes one stage (the default runs its command); a stage counts
     as done when its outputs exist and it was recorded as finished; once a stage runs, every later stage
-    runs again from a clean folder, since its inputs changed. Returns the summary path.
+    runs again from a clean folder, since its inputs changed; an interrupted resumable stage continues.
     """
-    workdir = Path(workdir).expanduser().absolute()
-    settings = {"size": size, "seed": int(seed), "profile": PROFILES.get(size)}
-    stages = plan(workdir, size, seed, tracking_uri)
-    state = _check_workdir(workdir, settings, force)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(workdir / STATE_FILE, state)
-    uri = tracking_uri or default_tracking_uri(workdir)
-    tracker = Tracker(uri, workdir) if report else None
-    print(f"Demo ({size}, seed {seed}) in {workdir}; commands run from {REPO}; MLflow store {uri}")
     upstream_ran = False
     for stage in stages:
         record = state["stages"].get(stage.name, {})
@@ -303,21 +308,37 @@ def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default",
         start = time.perf_counter()
         state["stages"][stage.name] = {"finished": False, "command": _display(stage.command),
                                        "partial_seconds": earlier}
-        write_json_atomic(workdir / STATE_FILE, state)
+        write_json_atomic(workdir / state_file, state)
         try:
             runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
         except BaseException:
             state["stages"][stage.name]["partial_seconds"] = round(earlier + time.perf_counter() - start, 1)
-            write_json_atomic(workdir / STATE_FILE, state)
+            write_json_atomic(workdir / state_file, state)
             raise
         seconds = earlier + time.perf_counter() - start
         if tracker:
             tracker.after_stage(stage, workdir, seconds)
         state["stages"][stage.name] = {"finished": True, "seconds": round(seconds, 1),
                                        "command": _display(stage.command)}
-        write_json_atomic(workdir / STATE_FILE, state)
+        write_json_atomic(workdir / state_file, state)
         upstream_ran = True
         print(f"[{stage.name}] finished in {seconds:.0f} s", flush=True)
+    return state
+
+
+def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default", verbose: bool = False,
+             tracking_uri: str | None = None, runner: Callable[[Stage, Path, bool], None] = run_stage,
+             report: bool = True) -> Path:
+    """Run every unfinished stage of the demo in ``workdir`` (``run_stages``) and write ``summary.json`` and
+    ``report.md``. Returns the summary path."""
+    workdir = Path(workdir).expanduser().absolute()
+    settings = {"size": size, "seed": int(seed), "profile": PROFILES.get(size)}
+    stages = plan(workdir, size, seed, tracking_uri)
+    state = open_workdir(workdir, settings, force)
+    uri = tracking_uri or default_tracking_uri(workdir)
+    tracker = Tracker(uri, workdir) if report else None
+    print(f"Demo ({size}, seed {seed}) in {workdir}; commands run from {REPO}; MLflow store {uri}")
+    state = run_stages(workdir, stages, state, force, verbose, runner, tracker)
     summary_path = workdir / "summary.json"
     if report:
         summary = write_report(workdir, stages, state, tracker, uri)
@@ -351,17 +372,17 @@ class Tracker:
     """Completes each stage's run in the demo's MLflow experiment: the stage's command and duration as params,
     numbers and figures its bundle does not log, and a run for the data stage (no bundle, no engine)."""
 
-    def __init__(self, tracking_uri: str, workdir: Path):
+    def __init__(self, tracking_uri: str, workdir: Path, experiment: str = EXPERIMENT):
         import mlflow
 
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        if experiment is None:  # artefacts beside the database, as MONAI's MLFlowHandler keeps them
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:  # artefacts beside the database, as MONAI's MLFlowHandler keeps them
             location = (Path(workdir) / "mlruns").absolute().as_uri() if tracking_uri.startswith("sqlite:") else None
-            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
-            self.experiment_id = experiment.experiment_id
+            self.experiment_id = found.experiment_id
 
     def runs(self, name: str):
         """Runs of the experiment named ``name``, newest first."""

@@ -15,7 +15,7 @@ import pytest
 from custom_components import demo as D
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["data", "encoder", "cond_ddpm", "eval_model", "eval_baseline", "nova_predict", "nova_metrics"]
+STAGES = ["data", "encoder", "cond_ddpm", "maps", "score_model", "score_baseline", "nova_predict", "nova_metrics"]
 
 
 def _args(command: list[str]) -> dict[str, str]:
@@ -48,15 +48,18 @@ def test_every_model_stage_is_a_bundle_run_with_tracking(tmp_path):
         assert args["tracking_uri"] == f"sqlite:///{tmp_path / 'w' / 'mlruns.db'}"
         if "channels" in args:
             channels.add(args["channels"])
-        if stage.name != "nova_metrics":
+        if stage.name in ("encoder", "cond_ddpm", "maps", "nova_predict"):
             assert args["seed"] == "3"
     by_name = {s.name: _args(s.command) for s in stages}
     # one network shape for training, evaluation and NOVA inference; one shared preprocessing cache
-    assert channels == {"[8,16,16]"} and "channels" in by_name["nova_predict"] and "channels" in by_name["eval_model"]
-    assert {by_name[n]["cache_dir"] for n in ("encoder", "cond_ddpm", "eval_model", "eval_baseline")} == \
-        {str(tmp_path / "w" / "cache")}
+    assert channels == {"[8,16,16]"} and "channels" in by_name["nova_predict"] and "channels" in by_name["maps"]
+    assert {by_name[n]["cache_dir"] for n in ("encoder", "cond_ddpm", "maps")} == {str(tmp_path / "w" / "cache")}
     assert by_name["cond_ddpm"]["encoder_ckpt"] == by_name["encoder"]["output_dir"] + "/model.pt"
-    assert by_name["eval_model"]["reconstruction"] == "ddpm" and by_name["eval_baseline"]["reconstruction"] == "none"
+    assert by_name["maps"]["ckpt_path"] == by_name["cond_ddpm"]["output_dir"] + "/model.pt"
+    # model and intensity baseline are two scores of the same maps: no network in either
+    assert by_name["score_model"]["maps_dir"] == by_name["score_baseline"]["maps_dir"] == by_name["maps"]["output_dir"]
+    assert by_name["score_model"]["baseline"] == "false" and by_name["score_baseline"]["baseline"] == "true"
+    assert "ckpt_path" not in by_name["score_model"] and "ckpt_path" not in by_name["score_baseline"]
     assert by_name["nova_metrics"]["predictions_file"] == by_name["nova_predict"]["predictions_file"]
 
 
@@ -95,7 +98,7 @@ def test_done_stages_are_skipped_interrupted_ones_resume_force_reruns(tmp_path):
     (work / "eval" / "baseline" / "metrics.json").unlink()
     partial = FakeRunner()
     D.run_demo(work, size="tiny", runner=partial, report=False)
-    assert partial.calls == ["eval_baseline", "nova_predict", "nova_metrics"]
+    assert partial.calls == ["score_baseline", "nova_predict", "nova_metrics"]
 
     # interrupted during cond_ddpm training: the next run continues it from its checkpoint
     D.run_demo(work, size="tiny", runner=FakeRunner(), report=False, force=True)
@@ -115,10 +118,10 @@ def test_done_stages_are_skipped_interrupted_ones_resume_force_reruns(tmp_path):
 def test_interrupted_stage_that_cannot_resume_starts_clean(tmp_path):
     work = tmp_path / "w"
     with pytest.raises(KeyboardInterrupt):
-        D.run_demo(work, size="tiny", runner=FakeRunner(interrupt_at="eval_model"), report=False)
+        D.run_demo(work, size="tiny", runner=FakeRunner(interrupt_at="maps"), report=False)
     runner = FakeRunner()
     D.run_demo(work, size="tiny", runner=runner, report=False)
-    assert runner.calls == STAGES[3:] and runner.seen_partial["eval_model"] is False
+    assert runner.calls == STAGES[3:] and runner.seen_partial["maps"] is False
 
 
 def test_workdir_of_other_settings_or_not_a_demo_is_refused(tmp_path):
@@ -133,7 +136,7 @@ def test_workdir_of_other_settings_or_not_a_demo_is_refused(tmp_path):
     other = tmp_path / "photos"
     other.mkdir()
     (other / "holiday.jpg").write_text("")
-    with pytest.raises(D.DemoError, match="not a demo work"):
+    with pytest.raises(D.DemoError, match="not a work folder"):
         D.run_demo(other, size="tiny", force=True, runner=FakeRunner(), report=False)
     assert (other / "holiday.jpg").exists()
     with pytest.raises(D.DemoError, match="size must be one of"):
@@ -201,12 +204,13 @@ def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
         assert by_name[stage].data.tags["best_checkpoint"] == str(work / stage / "model.pt")
         assert [a.path for a in client.list_artifacts(by_name[stage].info.run_id, "checkpoint")] == \
             ["checkpoint/model.pt"]
-    for stage in ("eval_model", "eval_baseline"):
-        assert {"Brats21/dice", "MSLUB/dice", "Brats21/auprc"} <= set(by_name[stage].data.metrics)
-    assert by_name["eval_model"].data.metrics["Brats21/dice"] == pytest.approx(
+    for stage in ("score_model", "score_baseline"):
+        assert {"Brats21/dice", "MSLUB/dice", "Brats21/auprc", "IXI/l1"} <= set(by_name[stage].data.metrics)
+    assert by_name["score_model"].data.metrics["Brats21/dice"] == pytest.approx(
         summary["datasets"]["Brats21"]["model"]["dice"])
     assert {"mAP_30", "mAP_50"} <= set(by_name["nova_metrics"].data.metrics)
-    assert "Brats21_grid.png" in {a.path for a in client.list_artifacts(by_name["eval_model"].info.run_id)}
+    assert "Brats21_grid.png" in {a.path for a in client.list_artifacts(by_name["score_model"].info.run_id)}
+    assert "maps.json" in {a.path for a in client.list_artifacts(by_name["maps"].info.run_id)}
 
     model_time = (work / "cond_ddpm" / "model.pt").stat().st_mtime_ns
     second = _demo(work)
