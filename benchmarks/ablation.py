@@ -7,8 +7,9 @@ Variants of cond_ddpm (all with the same data, seed and training budget):
 * ``unconditioned``:   plain DDPM (``--conditioning false``)
 * ``gaussian``:        the full model with Gaussian instead of simplex noise (``--noise_type gaussian``)
 
-plus the intensity baseline (``--reconstruction none``). Every variant is evaluated with cond_ddpm's
-``evaluate.yaml`` (threshold found on each data set's val split, scored on its test split) and on the
+plus the intensity baseline (``score.yaml --baseline true``). Every variant is evaluated with cond_ddpm's
+``evaluate.yaml`` (maps) and ``score.yaml`` (threshold found on each data set's val split, scored on its test
+split) and on the
 NOVA-like images with nova_eval's ``inference.yaml`` + ``evaluate.yaml``; one table is printed at the end and
 written to ``WORKDIR/ablation.json`` and ``WORKDIR/ablation.md``.
 
@@ -105,17 +106,20 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
         train_ids = {**common, "output_dir": v / "cond_ddpm", **ids, **train}
         if spec["pretrained_encoder"]:
             train_ids["encoder_ckpt"] = encoder
-        eval_dir, nova = v / "eval" / "model", v / "nova"
+        maps, eval_dir, nova = v / "eval" / "maps", v / "eval" / "model", v / "nova"
         jobs += [
             Job(Stage(f"{variant}_train", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml"], train_ids),
                       outputs=[ckpt], folder=v / "cond_ddpm",
                       description=f"cond_ddpm training: {DESCRIPTIONS[variant]}"),
                 depends=data_deps + (["encoder"] if spec["pretrained_encoder"] else [])),
-            Job(Stage(f"{variant}_eval", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
-                **common, "output_dir": eval_dir, "ckpt_path": ckpt, "reconstruction": "ddpm", **ids,
-                **profile["evaluate"]}),
-                outputs=[eval_dir / "metrics.json"], folder=eval_dir, description=f"evaluation: {variant}"),
+            Job(Stage(f"{variant}_maps", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+                **common, "output_dir": maps, "ckpt_path": ckpt, **ids, **profile["evaluate"]}),
+                outputs=[maps / "maps.json"], folder=maps, description=f"evaluation maps: {variant}"),
                 depends=[f"{variant}_train"]),
+            Job(Stage(f"{variant}_score", bundle_command("cond_ddpm", ["score.yaml"], {
+                "maps_dir": maps, "output_dir": eval_dir, **profile["score"]}),
+                outputs=[eval_dir / "metrics.json"], folder=eval_dir, description=f"evaluation scores: {variant}"),
+                depends=[f"{variant}_maps"]),
             Job(Stage(f"{variant}_nova_predict", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
                 "dataset_dir": data, "ckpt_path": ckpt, "output_dir": nova,
                 "predictions_file": nova / "predictions.json", "seed": seed, **ids, **profile["nova"]}),
@@ -127,11 +131,12 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
                 outputs=[nova / "metrics.json"], folder=nova / "metrics.json", description=f"NOVA metrics: {variant}"),
                 depends=[f"{variant}_nova_predict"]),
         ]
-    base = workdir / "baseline" / "eval" / "baseline"
-    jobs.append(Job(Stage("baseline_eval", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
-        **common, "output_dir": base, "reconstruction": "none", **network, **profile["evaluate"]}),
-        outputs=[base / "metrics.json"], folder=base, description="intensity baseline evaluation"),
-        depends=data_deps))
+    # the intensity baseline scores the images of the first variant's maps: no network involved
+    base, maps = workdir / "baseline" / "eval" / "baseline", workdir / variants[0] / "eval" / "maps"
+    jobs.append(Job(Stage("baseline_score", bundle_command("cond_ddpm", ["score.yaml"], {
+        "maps_dir": maps, "output_dir": base, "baseline": True, **profile["score"]}),
+        outputs=[base / "metrics.json"], folder=base, description="intensity baseline scores"),
+        depends=[f"{variants[0]}_maps"]))
     return jobs
 
 
