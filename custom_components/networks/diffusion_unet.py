@@ -188,11 +188,12 @@ def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class ConditioningEncoder(nn.Module):
-    """ResNet backbone (``resnet_backbone``) + global average pooling + a linear head to ``cond_dim``."""
+    """ResNet backbone (``resnet_backbone``, optional stochastic depth ``drop_path``) + global average pooling
+    + a linear head to ``cond_dim``."""
 
-    def __init__(self, depth: int = 50, cond_dim: int = 128, in_channels: int = 1) -> None:
+    def __init__(self, depth: int = 50, cond_dim: int = 128, in_channels: int = 1, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.backbone = resnet_backbone(depth=depth, in_channels=in_channels)
+        self.backbone = resnet_backbone(depth=depth, in_channels=in_channels, drop_path=drop_path)
         self.head = nn.Linear(backbone_channels(depth)[-1], cond_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +229,7 @@ class ConditionalDDPM(nn.Module):
         num_res_blocks: residual blocks per level (paper: 3).
         cond_dim: width of the encoder's embedding (paper: 128).
         encoder_depth: ResNet depth of the conditioning encoder (paper: 50).
+        encoder_drop_path: stochastic-depth rate of the conditioning ResNet (reference: 0.05; off in eval mode).
         encoder_ckpt: backbone ``state_dict`` of the pretrained contrastive encoder to start from.
         conditioning: ``False``/``"none"`` gives a plain DDPM that ignores ``context`` (no encoder).
         pixel_unshuffle: factor ``r`` to run the U-Net on an ``r x r`` pixel-unshuffled image
@@ -244,6 +246,7 @@ class ConditionalDDPM(nn.Module):
         num_res_blocks: Sequence[int] | int = 3,
         cond_dim: int = 128,
         encoder_depth: int = 50,
+        encoder_drop_path: float = 0.0,
         encoder_ckpt: str | Path | None = None,
         conditioning: bool | str = True,
         pixel_unshuffle: int = 1,
@@ -272,7 +275,9 @@ class ConditionalDDPM(nn.Module):
         )
         self.encoder: ConditioningEncoder | None = None
         if self.conditioning:
-            self.encoder = ConditioningEncoder(depth=encoder_depth, cond_dim=cond_dim, in_channels=in_channels)
+            self.encoder = ConditioningEncoder(
+                depth=encoder_depth, cond_dim=cond_dim, in_channels=in_channels, drop_path=encoder_drop_path
+            )
             if encoder_ckpt:
                 self.load_backbone(encoder_ckpt)
 

@@ -14,6 +14,7 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..utils import check_choice
 from .backbone import backbone_channels, resnet_backbone
 
 DOWNSAMPLE_RATIO = 32  # output stride of the backbone = side of one mask patch in pixels
@@ -179,18 +180,18 @@ def masked_batch_norm(
 
 
 class SparseEncoder(nn.Module):
-    """``resnet_backbone(depth)`` run sparsely: hidden 32x32 patches stay exactly zero at every layer.
+    """``resnet_backbone(depth, drop_path=...)`` run sparsely: hidden 32x32 patches stay exactly zero at every layer.
 
     ``forward(x, active)`` returns the four pyramid levels (strides 4, 8, 16, 32); ``active`` is the
     patch mask (B, 1, H/32, W/32), True = visible. Batch-norm statistics are taken over visible
     positions only, with the backbone's own batch-norm parameters and running statistics.
     """
 
-    def __init__(self, depth: int = 50, in_channels: int = 1):
+    def __init__(self, depth: int = 50, in_channels: int = 1, drop_path: float = 0.0):
         super().__init__()
         self.depth = depth
         self.in_channels = in_channels
-        self.backbone = resnet_backbone(depth, in_channels=in_channels)
+        self.backbone = resnet_backbone(depth, in_channels=in_channels, drop_path=drop_path)
         self.out_channels = backbone_channels(depth)
 
     def forward(self, x: torch.Tensor, active: torch.Tensor, mask_input: bool = True) -> list[torch.Tensor]:
@@ -244,7 +245,7 @@ class SparseEncoder(nn.Module):
                 raise TypeError("SparseEncoder supports only the conv + batch-norm shortcut (shortcut_type 'B').")
             conv, bn = block.downsample
             residual = self._conv_bn(conv, bn, x, masks)
-        return block.act(out + residual)
+        return block.act(block.drop_path(out) + residual)
 
     @staticmethod
     def pool(deepest: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -302,8 +303,74 @@ class LightDecoder(nn.Module):
         return self.head(x)
 
 
+class SparKUpBlock(nn.Sequential):
+    """SparK's decoder block: 2x transposed conv (kernel 4), 3x3 conv + BN + ReLU6, 3x3 conv + BN."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.ConvTranspose2d(in_channels, in_channels, kernel_size=4, stride=2, padding=1),
+            nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+
+class SparKDecoder(nn.Module):
+    """The reference (SparK) decoder: each pyramid level is batch-normalised over its visible positions, its
+    hidden positions are filled with a mask token, and it is projected (1x1 at the deepest level, 3x3 elsewhere)
+    to the decoder width of its stride and added before the up block of that stride. Widths halve from ``width``
+    at stride 32 to ``width / 32``; SparK's initialisation (truncated normal convs, Kaiming transposed convs).
+    """
+
+    def __init__(self, encoder_channels: list[int], width: int = 512, out_channels: int = 1):
+        super().__init__()
+        if width < 32 or width % 32:
+            raise ValueError(f"Decoder width must be a positive multiple of 32, got {width}.")
+        widths = [width // 2**i for i in range(6)]  # strides 32, 16, 8, 4, 2, 1
+        self.norms = nn.ModuleList([nn.BatchNorm2d(c) for c in encoder_channels])
+        self.mask_tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, c, 1, 1)) for c in encoder_channels])
+        self.projections = nn.ModuleList(
+            [
+                nn.Conv2d(c, widths[3 - level], kernel_size=1 if level == 3 else 3, padding=0 if level == 3 else 1)
+                for level, c in enumerate(encoder_channels)
+            ]
+        )
+        self.up_blocks = nn.ModuleList([SparKUpBlock(widths[i], widths[i + 1]) for i in range(5)])
+        self.head = nn.Conv2d(widths[5], out_channels, kernel_size=1)
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02, a=-0.02, b=0.02)
+        for m in [*self.up_blocks.modules(), self.head]:
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: list[torch.Tensor], visible: list[torch.Tensor]) -> torch.Tensor:
+        """Decode the pyramid; ``visible[l]`` is the bool mask (B, 1, h_l, w_l) of level l."""
+        x = 0
+        for i, block in enumerate(self.up_blocks):
+            level = 3 - i
+            if level >= 0:
+                feat, mask = features[level], visible[level]
+                normed = masked_batch_norm(self.norms[level], feat, mask.to(feat.dtype))
+                dense = torch.where(mask, normed, self.mask_tokens[level].to(feat.dtype))
+                x = x + self.projections[level](dense)
+            x = block(x)
+        return self.head(x)
+
+
+DECODERS = {"light": LightDecoder, "spark": SparKDecoder}
+
+
 class TargetInvariantEncoder(nn.Module):
-    """Sparse masked encoder + light decoder, with pooled embeddings of the masked and of the intact view.
+    """Sparse masked encoder + decoder, with pooled embeddings of the masked and of the intact view.
+
+    ``decoder``: ``"light"`` (``LightDecoder``) or ``"spark"`` (``SparKDecoder``, the reference's);
+    ``drop_path``: stochastic depth of the ResNet (reference 0.05), inactive in eval mode.
 
     ``forward(x, generator=None)`` draws a patch mask (mask ratio 0.65: 3 of 9 patches visible at 96x96),
     encodes the masked view and the intact view with the same sparse encoder and the same mask, decodes
@@ -312,12 +379,14 @@ class TargetInvariantEncoder(nn.Module):
     ``z_masked`` and ``z_intact`` (B, C): the deepest features averaged over visible positions only.
     """
 
-    def __init__(self, depth: int = 50, in_channels: int = 1, mask_ratio: float = 0.65, decoder_width: int = 512):
+    def __init__(self, depth: int = 50, in_channels: int = 1, mask_ratio: float = 0.65, decoder_width: int = 512,
+                 decoder: str = "light", drop_path: float = 0.0):
         super().__init__()
         num_visible_patches(1, mask_ratio)  # validates the ratio
+        decoder_class = DECODERS[check_choice("decoder", decoder, tuple(DECODERS))]
         self.mask_ratio = mask_ratio
-        self.encoder = SparseEncoder(depth, in_channels=in_channels)
-        self.decoder = LightDecoder(self.encoder.out_channels, width=decoder_width, out_channels=in_channels)
+        self.encoder = SparseEncoder(depth, in_channels=in_channels, drop_path=drop_path)
+        self.decoder = decoder_class(self.encoder.out_channels, width=decoder_width, out_channels=in_channels)
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None, active: torch.Tensor | None = None
