@@ -7,6 +7,9 @@
 * ``ReconstructionInferer``: for each t in (250, 500, 750) noise the slice to step t with fresh noise,
   predict x0 in one network call, average the predictions (cDDPM's noise ensemble).
 
+Both take ``shared_noise``: one noise field per batch (per ``t`` at test time) repeated over its slices, as the
+reference draws it, instead of one field per slice.
+
 Timestep convention: like the reference, ``t`` counts noising steps (1..T); the scheduler and the
 network see the 0-based index ``t - 1`` (what MONAI's training batches draw, uniformly in [0, T)).
 """
@@ -46,6 +49,7 @@ class ReconstructionPrepareBatch(DiffusionPrepareBatch):
             ``None`` for an unconditioned DDPM.
         noise_type: ``"simplex"`` (default) or ``"gaussian"``.
         generator: optional torch generator for the noise.
+        shared_noise: one noise field per batch, repeated over its samples (the reference); else one per sample.
     """
 
     def __init__(
@@ -54,13 +58,15 @@ class ReconstructionPrepareBatch(DiffusionPrepareBatch):
         condition_name: str | None = "image",
         noise_type: str = "simplex",
         generator: torch.Generator | None = None,
+        shared_noise: bool = False,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
         self.noise_type = check_choice("noise_type", noise_type, NOISE_TYPES, lower=True)
         self.generator = generator
+        self.shared_noise = bool(shared_noise)
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
-        return make_noise(images, self.noise_type, generator=self.generator)
+        return make_noise(images, self.noise_type, generator=self.generator, shared=self.shared_noise)
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return images
@@ -82,6 +88,8 @@ class ReconstructionInferer(Inferer):
         return_members: also return the list of per-timestep predictions.
         divisible_by: size multiple the network needs; default ``network.size_divisor`` or 1.
         generator: optional torch generator for reproducible noise.
+        shared_noise: one noise field per ``t``, the same for every slice of the batch (the reference, whose batch
+            is the axial slices of one volume); else a field per slice.
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class ReconstructionInferer(Inferer):
         return_members: bool = False,
         divisible_by: int | None = None,
         generator: torch.Generator | None = None,
+        shared_noise: bool = False,
     ) -> None:
         super().__init__()
         self.scheduler = scheduler
@@ -106,6 +115,7 @@ class ReconstructionInferer(Inferer):
         self.return_members = return_members
         self.divisible_by = divisible_by
         self.generator = generator
+        self.shared_noise = bool(shared_noise)
 
     def _pad(self, inputs: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = inputs.shape[-2:]
@@ -134,7 +144,7 @@ class ReconstructionInferer(Inferer):
         members = []
         for t in self.timesteps:
             index = torch.full((inputs.shape[0],), t - 1, dtype=torch.long, device=inputs.device)
-            noise = make_noise(padded, self.noise_type, generator=self.generator)
+            noise = make_noise(padded, self.noise_type, generator=self.generator, shared=self.shared_noise)
             noisy = self.scheduler.add_noise(original_samples=padded, noise=noise, timesteps=index)
             pred = network(noisy, index, *args, context=inputs, **kwargs)
             members.append(self._crop(pred, size))

@@ -4,9 +4,9 @@ Simplex noise is spatially smooth, so the DDPM learns to remove low-frequency st
 time, to "heal" whole lesions rather than pixel noise (AnoDDPM, cDDPM). The construction follows the
 classic octave sum used by those works: ``sum_o persistence**o * opensimplex2d(coords / (frequency / 2**o))``
 with no renormalisation of the sum, where ``frequency`` is the feature size in pixels of the coarsest
-octave. Unlike the reference generator, which draws one field for the whole batch, every sample (and
-channel) here gets its own field (its own random gradients on a 256 x 256 periodic lattice and its own
-random lattice offset per octave), fully vectorised in torch on the requested device.
+octave. Every sample (and channel) gets its own field (its own random gradients on a 256 x 256 periodic
+lattice and its own random lattice offset per octave), fully vectorised in torch on the requested device;
+``make_noise(..., shared=True)`` instead repeats one field over the batch, as the reference generator does.
 
 At the default setting (6 octaves, persistence 0.8, frequency 64) a 96x96 field has a standard
 deviation of about 0.55-0.6 and a neighbour-pixel correlation of about 0.95.
@@ -109,16 +109,23 @@ def simplex_noise(
 
 
 def make_noise(
-    images: torch.Tensor, noise_type: str = "simplex", generator: torch.Generator | None = None, **simplex_kwargs
+    images: torch.Tensor,
+    noise_type: str = "simplex",
+    generator: torch.Generator | None = None,
+    shared: bool = False,
+    **simplex_kwargs,
 ) -> torch.Tensor:
-    """Noise shaped like ``images`` (B, C, H, W), on its device and dtype: ``"simplex"`` or ``"gaussian"``."""
+    """Noise shaped like ``images`` (B, C, H, W), on its device and dtype: ``"simplex"`` or ``"gaussian"``.
+
+    ``shared=True`` draws one (1, C, H, W) field and repeats it over the batch (the reference's choice).
+    """
     noise_type = str(noise_type).lower()
+    shape = (1, *images.shape[1:]) if shared else tuple(images.shape)
     if noise_type == "simplex":
-        return simplex_noise(
-            images.shape, generator=generator, device=images.device, dtype=images.dtype, **simplex_kwargs
-        )
-    if noise_type == "gaussian":
+        noise = simplex_noise(shape, generator=generator, device=images.device, dtype=images.dtype, **simplex_kwargs)
+    elif noise_type == "gaussian":
         rdev = _generator_device(generator, images.device)
-        noise = torch.randn(images.shape, generator=generator, device=rdev, dtype=images.dtype)
-        return noise.to(images.device)
-    raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
+        noise = torch.randn(shape, generator=generator, device=rdev, dtype=images.dtype).to(images.device)
+    else:
+        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
+    return noise.expand(images.shape[0], *shape[1:]).contiguous() if shared else noise
