@@ -2,7 +2,8 @@
 
 Per volume, once (cacheable): ITK curvature-flow smoothing -> crop/pad to 192x192x100 -> 1st-99th
 percentile rescale to [0, 1] inside the brain mask -> resample by 2 (B-spline images, nearest masks)
--> 96x96x50. Per training sample: one random axial slice with brain, then intensity augmentation.
+-> 96x96x50. Per training sample: one random axial slice (with brain, or any of the 50), with intensity
+augmentation of the 3D volume before slicing (reference) or of the 2D slice after it (``intensity_augmentation``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     Spacingd,
 )
+
+from .utils import check_choice
 
 CROP_SIZE = (192, 192, 100)
 VOLUME_SIZE = (96, 96, 50)
@@ -140,38 +143,50 @@ class BinarizeLabelsd(MapTransform):
         return d
 
 
+SLICE_CHOICES = ("brain", "all")
+
+
 class RandAxialSliced(Randomizable, MapTransform):
-    """Random axial slices (last axis) among those with brain, for every key: (C,H,W,D) -> (C,H,W).
+    """Random axial slices (last axis), for every key: (C,H,W,D) -> (C,H,W), drawn uniformly among the slices
+    with brain (``slices="brain"``) or among all of them, empty ones included (``slices="all"``, the reference).
 
     ``num_samples=1`` gives one slice per volume (an epoch is one slice per volume, as in the reference); more give a list
     of slices that the DataLoader flattens into the batch. The chosen index is stored under ``"slice"``.
     """
 
-    def __init__(self, keys: KeysCollection, mask_key: str = "mask", num_samples: int = 1,
+    def __init__(self, keys: KeysCollection, mask_key: str = "mask", num_samples: int = 1, slices: str = "brain",
                  allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mask_key, self.num_samples = mask_key, num_samples
+        self.slices = check_choice("slices", slices, SLICE_CHOICES)
 
     def __call__(self, data):
         d = dict(data)
-        brain_slices = torch.nonzero(d[self.mask_key].flatten(0, -2).sum(0) > 0).flatten()
-        if len(brain_slices) == 0:
+        per_slice = d[self.mask_key].flatten(0, -2).sum(0)
+        candidates = torch.arange(len(per_slice)) if self.slices == "all" else torch.nonzero(per_slice > 0).flatten()
+        if len(candidates) == 0:
             raise ValueError(f"The brain mask of {d.get('name', 'a volume')} is empty: no slice to sample.")
         samples = []
-        for index in self.R.randint(len(brain_slices), size=self.num_samples):
-            z = int(brain_slices[index])
+        for index in self.R.randint(len(candidates), size=self.num_samples):
+            z = int(candidates[index])
             sample = {**d, **{key: d[key][..., z] for key in self.key_iterator(d)}, "slice": z}
             samples.append(sample)
         return samples[0] if self.num_samples == 1 else samples
 
 
 class RandGhostingd(Randomizable, MapTransform):
-    """MRI ghosting artefact on 2D slices: scale every ``n``-th k-space line along one axis (cf. torchio)."""
+    """MRI ghosting artefact: scale every ``n``-th k-space plane along one random spatial axis (cf. torchio).
+
+    ``spatial_dims`` 2 for slices (C, H, W), 3 for volumes (C, H, W, D). ``restore`` is the fraction of the k-space
+    centre (along the axis) left intact; ``None`` leaves only the central plane, as torchio does.
+    """
 
     def __init__(self, keys: KeysCollection, prob: float = 0.5, num_ghosts: Sequence[int] = (4, 10),
-                 intensity: Sequence[float] = (0.5, 1.0), restore: float = 0.02, allow_missing_keys: bool = False):
+                 intensity: Sequence[float] = (0.5, 1.0), restore: float | None = 0.02, spatial_dims: int = 2,
+                 allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.prob, self.num_ghosts, self.intensity, self.restore = prob, num_ghosts, intensity, restore
+        self.spatial_dims = spatial_dims
 
     def __call__(self, data):
         d = dict(data)
@@ -179,21 +194,44 @@ class RandGhostingd(Randomizable, MapTransform):
             return d
         n = self.R.randint(self.num_ghosts[0], self.num_ghosts[1] + 1)
         strength = self.R.uniform(*self.intensity)
-        axis = -1 - self.R.randint(2)
+        axis = -1 - self.R.randint(self.spatial_dims)
+        dims = tuple(range(-self.spatial_dims, 0))
         for key in self.key_iterator(d):
             img = d[key]
-            spectrum = torch.fft.fftshift(torch.fft.fftn(img.float(), dim=(-2, -1)), dim=(-2, -1))
+            spectrum = torch.fft.fftshift(torch.fft.fftn(img.float(), dim=dims), dim=dims)
             size = img.shape[axis]
             keep = torch.ones(size)
             keep[::n] = 1 - strength
             centre = size // 2
-            half = max(int(self.restore * size / 2), 1)
-            keep[centre - half:centre + half] = 1.0
+            if self.restore is None:
+                keep[centre] = 1.0
+            else:
+                half = max(int(self.restore * size / 2), 1)
+                keep[centre - half:centre + half] = 1.0
             shape = [1] * img.ndim
             shape[axis] = size
             spectrum = spectrum * keep.reshape(shape)
-            ghosted = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=(-2, -1)), dim=(-2, -1)).real
+            ghosted = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=dims), dim=dims).real
             d[key] = ghosted.to(img.dtype) if not isinstance(img, MetaTensor) else MetaTensor(ghosted, meta=img.meta)
+        return d
+
+
+class RandGammad(Randomizable, MapTransform):
+    """torchio's random gamma: ``I -> sign(I) |I|^gamma`` with ``log(gamma)`` uniform in ``log_gamma``, no rescaling
+    (MONAI's ``RandAdjustContrast`` draws gamma uniformly and rescales to the image's range first)."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.5, log_gamma: Sequence[float] = (-0.3, 0.3),
+                 allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.prob, self.log_gamma = prob, log_gamma
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.R.rand() >= self.prob:
+            return d
+        gamma = float(np.exp(self.R.uniform(*self.log_gamma)))
+        for key in self.key_iterator(d):
+            d[key] = d[key].sign() * d[key].abs() ** gamma
         return d
 
 
