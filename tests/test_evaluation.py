@@ -12,8 +12,10 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from custom_components.evaluation import VolumeReconstructionInferer
-from custom_components.scoring import (PROTOCOLS, THRESHOLD_METHODS, fpr_label, reconstruction_errors,
-                                         score_maps)
+from custom_components.data import load_split
+from custom_components.metrics import segment
+from custom_components.scoring import (PROTOCOLS, THRESHOLD_METHODS, fpr_label, reconstruction_errors, residual_map,
+                                       score_maps)
 from custom_components.inference import InputError, PrepareInputd, check_volume, inference_items, resolve_threshold
 from tests.conftest import REPO, run_bundle
 
@@ -285,63 +287,94 @@ def _split_names(demo_root, split):
     return set(pd.read_csv(demo_root / "splits" / f"{split}.csv")["img_name"].str.replace(".nii.gz", ""))
 
 
-def test_evaluate_with_a_checkpoint_writes_every_output(demo_root, cache_dir, tiny_ckpt, tmp_path):
-    out = tmp_path / "eval"
+@pytest.fixture(scope="module")
+def maps_dir(demo_root, cache_dir, tiny_ckpt, tmp_path_factory):
+    """The maps of every evaluation split of the demo data, written by evaluate.yaml with the tiny network."""
+    out = tmp_path_factory.mktemp("maps")
     run_bundle(EVALUATE, BUNDLE, "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
-               "--output_dir", str(out), "--ckpt_path", str(tiny_ckpt), "--eval_sets", "['Brats21']",
-               "--save_maps", "true", *TINY, *FAST)
-    results = json.loads((out / "metrics.json").read_text())
-    assert set(results) == {"IXI", "Brats21", "settings"}
-    assert set(results["IXI"]["fpr_thresholds"]) == {"1%", "5%", "10%"}
-    brats = results["Brats21"]
-    assert brats["threshold"] == brats["thresholds"]["bisection"]["threshold"]
-    assert set(brats["thresholds"]) >= {"bisection", "exact", "found_on"}
-    assert brats["thresholds"]["found_on"] == "Brats21_val"
-    for metric in ("dice", "best_dice", "auroc", "auprc", "tpr", "fpr", "precision", "recall", "specificity",
-                   "hausdorff", "slice_auroc", "slice_auprc", "volume_score"):
-        assert set(brats["metrics"][metric]) == {"mean", "std", "n"}, metric
-    assert set(brats["fpr"]) == {"1%", "5%", "10%"} and "dice" in brats["fpr"]["5%"]["metrics"]
-    assert "dice" in brats["metrics_at_exact"]
-    settings = results["settings"]
-    assert settings["ckpt_path"] == str(tiny_ckpt) and settings["reconstruction"] == "ddpm"
-    assert settings["timesteps"] == [500] and settings["noise_type"] == "gaussian" and settings["fold"] == 0
+               "--output_dir", str(out), "--ckpt_path", str(tiny_ckpt), "--tracking", "mlflow", *TINY, *FAST)
+    return out
 
-    rows = pd.read_csv(out / "per_volume.csv")
-    test_names = _split_names(demo_root, "Brats21_test")
-    assert set(rows["name"]) == test_names and (rows["dataset"] == "Brats21").all()
-    assert rows["dice"].between(0, 1).all()
-    for name in test_names:
-        maps = {kind: nib.load(out / "maps" / "Brats21" / f"{name}_{kind}.nii.gz")
-                for kind in ("residual", "mask", "pred", "seg")}
+
+def test_maps_hold_every_split_on_the_model_grid(maps_dir, demo_root, tiny_ckpt):
+    manifest = json.loads((maps_dir / "maps.json").read_text())
+    assert list(manifest["splits"]) == ["IXI_val_fold0", "IXI_test", "Brats21_val", "Brats21_test", "MSLUB_val",
+                                        "MSLUB_test"]
+    settings = manifest["settings"]
+    assert settings["ckpt_path"] == str(tiny_ckpt) and settings["protocol"] == "reference"
+    assert settings["shared_noise_test"] is True and settings["timesteps"] == [500] and settings["fold"] == 0
+    for split, entry in manifest["splits"].items():
+        assert set(entry["volumes"]) == {item["name"] for item in load_split(demo_root, split)}
+        assert entry["dataset"] == split.split("_")[0]
+        name = entry["volumes"][0]
+        maps = {kind: nib.load(maps_dir / split / f"{name}_{kind}.nii.gz")
+                for kind in ("image", "reconstruction", "residual", "mask")}
         assert all(m.shape == (96, 96, 50) for m in maps.values())
-        assert np.allclose(maps["residual"].header.get_zooms(), 2.0)  # the model grid
-        pred, seg, brain = (maps[k].get_fdata() for k in ("pred", "seg", "mask"))
-        assert set(np.unique(pred)) <= {0, 1} and not (pred > brain).any()
-        # the saved segmentation is the one scored: its Dice against the saved ground truth is the CSV's
-        truth = (seg > 0) & (brain > 0)
-        dice = 2 * np.sum((pred > 0) & truth) / (np.sum(pred > 0) + np.sum(truth))
-        assert dice == pytest.approx(rows.set_index("name").loc[name, "dice"], abs=1e-9)
-    assert (out / "Brats21_grid.png").read_bytes()[:8] == PNG_MAGIC
-    assert not list(out.rglob(".*tmp*"))
+        assert np.allclose(maps["image"].header.get_zooms(), 2.0)  # the model grid
+        image, recon, residual = (maps[k].get_fdata() for k in ("image", "reconstruction", "residual"))
+        assert np.allclose(residual, np.abs(image - recon), atol=1e-6)
+        assert (maps_dir / split / f"{name}_seg.nii.gz").exists() == (entry["dataset"] != "IXI")
+    assert not list(maps_dir.rglob(".*tmp*"))
 
 
-def test_intensity_baseline_needs_no_checkpoint_and_logs_to_mlflow(demo_root, cache_dir, tmp_path):
-    out = tmp_path / "baseline"
-    run_bundle(EVALUATE, BUNDLE, "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
-               "--output_dir", str(out), "--reconstruction", "none", "--ckpt_path", str(tmp_path / "none.pt"),
-               "--eval_sets", "['Brats21']", "--num_workers", "0", "--tracking", "mlflow")
-    results = json.loads((out / "metrics.json").read_text())
-    assert results["settings"]["reconstruction"] == "none" and results["settings"]["ckpt_path"] is None
-    assert results["Brats21"]["n_test_volumes"] == len(_split_names(demo_root, "Brats21_test"))
-    assert not (out / "maps").exists()  # save_maps is off by default
+def test_rescoring_needs_no_network_and_matches_the_saved_maps(maps_dir, demo_root, tiny_ckpt, tmp_path):
+    import time
 
+    hidden = tiny_ckpt.with_suffix(".hidden")
+    tiny_ckpt.rename(hidden)  # scoring must not read the checkpoint
+    try:
+        seconds = {}
+        for protocol in PROTOCOLS:
+            start = time.perf_counter()
+            run_bundle(["score.yaml"], BUNDLE, "--maps_dir", str(maps_dir), "--output_dir", str(tmp_path / protocol),
+                       "--protocol", protocol, "--grid_slices", "2")
+            seconds[protocol] = time.perf_counter() - start
+        run_bundle(["score.yaml"], BUNDLE, "--maps_dir", str(maps_dir), "--output_dir", str(tmp_path / "baseline"),
+                   "--baseline", "true", "--tracking", "mlflow")
+    finally:
+        hidden.rename(tiny_ckpt)
+    print("score.yaml seconds:", seconds)
+    for protocol in PROTOCOLS:
+        out = tmp_path / protocol
+        results = json.loads((out / "metrics.json").read_text())
+        assert set(results) == {"IXI", "Brats21", "MSLUB", "settings"}
+        assert results["settings"]["protocol"] == protocol and results["settings"]["maps"]["ckpt_path"] == str(tiny_ckpt)
+        brats = results["Brats21"]
+        assert brats["threshold"] == brats["thresholds"]["bisection"]["threshold"]
+        assert brats["thresholds"]["found_on"] == "Brats21_val"
+        for metric in ("dice", "best_dice", "auroc", "auprc", "tpr", "fpr", "precision", "recall", "specificity",
+                       "hausdorff", "slice_auroc", "slice_auprc", "volume_score", "l1", "l1_lesion"):
+            assert set(brats["metrics"][metric]) == {"mean", "std", "n"}, metric
+        assert set(brats["fpr"]) == {"1%", "5%", "10%"} and "dice" in brats["metrics_at_exact"]
+        assert results["IXI"]["test_split"] == "IXI_test"
+        assert results["IXI"]["n_test_volumes"] == len(load_split(demo_root, "IXI_test"))
+        rows = pd.read_csv(out / "per_volume.csv").set_index("name")
+        # the Dice of each test volume follows from the saved maps and the shared segmentation step
+        for name in _split_names(demo_root, "Brats21_test"):
+            load = lambda kind: nib.load(maps_dir / "Brats21_test" / f"{name}_{kind}.nii.gz").get_fdata()  # noqa: E731
+            image, recon, mask, seg = load("image"), load("reconstruction"), load("mask") > 0, load("seg") > 0
+            if protocol == "project":
+                recon = np.clip(recon, 0, 1)
+            residual = residual_map(image.astype(np.float32), recon.astype(np.float32), mask)
+            region = mask if protocol == "project" else np.ones_like(mask)
+            pred = segment(residual, brats["threshold"], region)
+            dice = 2 * np.sum(pred & seg & region) / (np.sum(pred) + np.sum(seg & region))
+            assert dice == pytest.approx(rows.loc[name, "dice"], abs=1e-6)
+        assert (out / "Brats21_grid.png").read_bytes()[:8] == PNG_MAGIC
+    # the same maps under the two protocols: same thresholds' data, other voxel counts
+    ref, proj = (json.loads((tmp_path / p / "metrics.json").read_text()) for p in PROTOCOLS)
+    assert ref["Brats21"]["metrics"]["tn"]["mean"] > proj["Brats21"]["metrics"]["tn"]["mean"]
+
+    baseline = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
+    assert baseline["settings"]["baseline"] is True
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'baseline' / 'mlruns.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     logged = runs[0].data.metrics
-    assert logged["Brats21/dice"] == pytest.approx(results["Brats21"]["metrics"]["dice"]["mean"])
-    assert logged["IXI/fpr5pct_threshold"] == pytest.approx(results["IXI"]["fpr_thresholds"]["5%"])
+    assert logged["Brats21/dice"] == pytest.approx(baseline["Brats21"]["metrics"]["dice"]["mean"])
+    assert logged["IXI/l1"] == pytest.approx(baseline["IXI"]["metrics"]["l1"]["mean"])
+    assert logged["IXI/fpr5pct_threshold"] == pytest.approx(baseline["IXI"]["fpr_thresholds"]["5%"])
 
 
 def test_evaluate_without_checkpoint_fails_clearly(demo_root, tmp_path):
