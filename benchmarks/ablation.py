@@ -14,7 +14,7 @@ NOVA-like images with nova_eval's ``inference.yaml`` + ``evaluate.yaml``; one ta
 written to ``WORKDIR/ablation.json`` and ``WORKDIR/ablation.md``.
 
     python benchmarks/ablation.py --workdir DIR [--epochs N] [--encoder_epochs N] [--size default|tiny]
-        [--data_root DEMO_DATA_DIR] [--variants full,gaussian] [--seed 0] [--force]
+        [--data_root DEMO_DATA_DIR] [--variants full,gaussian] [--seeds 0,1,2] [--force]
 
 The stages, their sizes and the command runner are the one-command demo's (``custom_components.demo``);
 logs go to ``WORKDIR/logs/<stage>.log``. Finished stages are skipped when run again with the same
@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -204,6 +206,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def over_seeds(rows_by_seed: dict[int, list[dict]]) -> list[dict]:
+    """Per variant and column the mean and population std over seeds (None where a seed has no value)."""
+    out = []
+    first = next(iter(rows_by_seed.values()))
+    for i, row in enumerate(first):
+        merged = {"variant": row["variant"], "description": row["description"]}
+        for column in row:
+            if column in ("variant", "description"):
+                continue
+            values = [rows[i].get(column) for rows in rows_by_seed.values()]
+            values = [v for v in values if isinstance(v, float)]
+            merged[column] = (float(np.mean(values)), float(np.std(values))) if values else None
+        out.append(merged)
+    return out
+
+
+def seed_table(rows: list[dict]) -> str:
+    """Rows of (mean, std) pairs as a Markdown table: ``mean ± std``."""
+    columns = [c for c in rows[0] if c != "description"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row[c] if c == "variant" else "–" if row[c] is None else f"{row[c][0]:.3f} ± {row[c][1]:.3f}"
+                 for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="work folder (created; finished stages are reused)")
@@ -214,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(PROFILES), default="default", help="demo profile (data and networks)")
     parser.add_argument("--data_root", default=None, help="an existing demo data root (default: generate one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; the data stay the same "
+                        "(generated with seed 0 unless --data_root); mean ± std over seeds")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     parser.add_argument("--verbose", action="store_true", help="show the stages' output on the console")
     args = parser.parse_args(argv)
@@ -223,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must list distinct integers, got {args.seeds!r}")
     if args.epochs is not None and args.epochs < 1 or args.encoder_epochs is not None and args.encoder_epochs < 1:
         parser.error("--epochs and --encoder_epochs must be at least 1")
     workdir = Path(args.workdir).expanduser().absolute()
@@ -230,23 +263,34 @@ def main(argv: list[str] | None = None) -> int:
     if data_root is not None and not (data_root / "splits").is_dir():
         parser.error(f"--data_root {data_root} has no splits/ folder: not a data root")
 
-    jobs = plan(workdir, args.size, args.seed, args.epochs, args.encoder_epochs, data_root, variants)
+    rows_by_seed, seconds = {}, {}
     try:
-        seconds = run(jobs, workdir, args.force, args.verbose)
+        if data_root is None:  # one data root for every seed
+            data_jobs = [j for j in plan(workdir, args.size, 0, None, None, None, variants) if j.stage.name == "data"]
+            seconds["data"] = run(data_jobs, workdir, args.force, args.verbose)
+            data_root = workdir / "data"
+        for seed in seeds:
+            folder = workdir / f"seed{seed}"
+            jobs = plan(folder, args.size, seed, args.epochs, args.encoder_epochs, data_root, variants)
+            seconds[f"seed{seed}"] = run(jobs, folder, args.force, args.verbose)
+            rows_by_seed[seed] = collect(folder, variants)
     except DemoError as err:
         print(f"ablation: {err}", file=sys.stderr)
         return 1
-    rows = collect(workdir, variants)
-    text = table(rows)
-    settings = {"size": args.size, "seed": args.seed, "epochs": args.epochs, "encoder_epochs": args.encoder_epochs,
-                "profile": PROFILES[args.size], "data_root": str(data_root or workdir / "data")}
-    write_json_atomic(workdir / "ablation.json", {"settings": settings, "rows": rows, "seconds": seconds})
+    rows = over_seeds(rows_by_seed)
+    text = seed_table(rows)
+    settings = {"size": args.size, "seeds": seeds, "epochs": args.epochs, "encoder_epochs": args.encoder_epochs,
+                "profile": PROFILES[args.size], "data_root": str(data_root)}
+    write_json_atomic(workdir / "ablation.json", {"settings": settings, "rows": rows,
+                                                  "per_seed": {str(k): v for k, v in rows_by_seed.items()},
+                                                  "seconds": seconds})
     notes = "\n".join(f"- `{r['variant']}`: {r['description']}" for r in rows)
+    per_seed = "\n\n".join(f"Seed {seed}:\n\n{table(r)}" for seed, r in rows_by_seed.items())
     write_text_atomic(
         workdir / "ablation.md",
-        f"# Ablations ({args.size} demo profile, seed {args.seed})\n\nTest-split means; Dice at the threshold "
-        f"found on each data set's val split; NOVA reference mAP@30 (no NOVA run for the intensity baseline).\n\n"
-        f"{text}\n\n{notes}\n")
+        f"# Ablations ({args.size} demo profile, seeds {', '.join(map(str, seeds))})\n\nTest-split means, mean ± std "
+        f"(population) over the seeds; Dice at the threshold found on each data set's val split; NOVA reference "
+        f"mAP@30 (no NOVA run for the intensity baseline).\n\n{text}\n\n{notes}\n\n{per_seed}\n")
     print("\n" + text + "\n\n" + notes)
     print(f"\nTable: {workdir / 'ablation.md'}; numbers: {workdir / 'ablation.json'}")
     return 0
