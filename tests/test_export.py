@@ -183,3 +183,54 @@ print("CHECKSUM", sum(float(p.double().sum()) for p in net.state_dict().values()
     expected = sum(float(v.double().sum()) for v in torch.load(tiny_ckpt, weights_only=True).values())
     checksum = float(out.stdout.split("CHECKSUM")[1].split()[0])
     assert checksum == pytest.approx(expected, rel=1e-12)
+
+
+ZOO_SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # the schema every metadata.json names
+ZOO_SHAPE_EXEMPT = {"cond_ddpm", "nova_eval"}  # forward(x, timesteps, context): exempt like the zoo's diffusion bundles
+
+
+def test_exports_pass_model_zoo_checks(tmp_path, tiny_ckpt):
+    """The checks of the model zoo's ci/verify_bundle.py (mode full), offline, on each export outside the repository:
+    files, version in changelog, metadata against the published schema, and for the encoder the network's data
+    shapes and TorchScript export (the inference properties are checked in each bundle's own tests)."""
+    pytest.importorskip("jsonschema", reason="monai.bundle.verify_metadata needs jsonschema")
+    from custom_components.networks.backbone import resnet_backbone
+
+    encoder_ckpt = tmp_path / "encoder.pt"
+    torch.save(resnet_backbone(50).state_dict(), encoder_ckpt)  # the size metadata.json declares (2048 features)
+    zoo = tmp_path / "models"
+    for bundle in ["contrastive_encoder", "cond_ddpm", "nova_eval"]:
+        export_bundle(bundle, zoo / bundle, models=encoder_ckpt if bundle == "contrastive_encoder" else tiny_ckpt)
+    code = f"""
+import json, os, sys, torch
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+for bundle in {sorted(p.name for p in zoo.iterdir())!r}:
+    root = os.path.abspath(bundle)
+    sys.path.insert(0, root)
+    sys.modules.pop("scripts", None)
+    for f in ["configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.yaml"]:
+        assert os.path.exists(os.path.join(root, f)), (bundle, f)
+    meta, config = os.path.join(root, "configs/metadata.json"), os.path.join(root, "configs/inference.yaml")
+    metadata = json.load(open(meta))
+    assert metadata["version"] in metadata["changelog"], bundle
+    verify_metadata(meta_file=meta, filepath={str(ZOO_SCHEMA)!r})
+    if bundle not in {sorted(ZOO_SHAPE_EXEMPT)!r}:
+        verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=root)
+        ts = os.path.join(root, "models/verify_model.ts")
+        ckpt_export(net_id="network_def", filepath=ts, ckpt_file=os.path.join(root, "models/model.pt"),
+                    meta_file=meta, config_file=config, bundle_root=root)
+        torch.jit.load(ts)
+    sys.path.remove(root)
+    print("ZOO OK", bundle)
+"""
+    out = run_outside([PYTHON, "-c", code], zoo, timeout=600)
+    assert out.stdout.count("ZOO OK") == 3, out.stdout
+    assert "data shape of network is verified with no error" in out.stdout + out.stderr
+
+
+def test_metadata_is_valid_against_the_zoo_schema():
+    """Each bundle's own metadata.json against the kept schema (the export copies it unchanged)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(ZOO_SCHEMA.read_text())
+    for meta in sorted(REPO.glob("bundles/*/configs/metadata.json")):
+        jsonschema.validate(json.loads(meta.read_text()), schema)
