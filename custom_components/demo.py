@@ -509,8 +509,11 @@ def summarize_results(workdir: Path) -> dict:
         datasets["IXI"] = {
             "split": healthy.get("split"), "n_volumes": healthy.get("n_volumes"),
             "role": "healthy reference: thresholds at 1/5/10 % voxel false-positive rate",
+            "test_split": healthy.get("test_split"), "n_test_volumes": healthy.get("n_test_volumes"),
             **{kind: {"fpr_thresholds": {k: _number(v) for k, v in ((r or {}).get("IXI") or {})
-                                         .get("fpr_thresholds", {}).items()}} for kind, r in results.items()},
+                                         .get("fpr_thresholds", {}).items()},
+                      "l1": _number((((r or {}).get("IXI") or {}).get("metrics") or {}).get("l1"))}
+               for kind, r in results.items()},
         }
     nova = _read_json(workdir / "nova" / "metrics.json")
     nova_summary = None
@@ -623,7 +626,9 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
                           f"{k} {_fmt(v)}" for k, v in (ixi.get("model") or {}).get("fpr_thresholds", {}).items())
                   + "; baseline " + ", ".join(
                           f"{k} {_fmt(v)}" for k, v in (ixi.get("baseline") or {}).get("fpr_thresholds", {}).items())
-                  + "."]
+                  + ".", "", f"Mean L1 reconstruction error on {ixi.get('test_split')} ({ixi.get('n_test_volumes')} "
+                  f"volumes, whole volume): model {_fmt((ixi.get('model') or {}).get('l1'), 4)}, intensity baseline "
+                  f"(reconstruction 0) {_fmt((ixi.get('baseline') or {}).get('l1'), 4)}."]
     if results["nova"]:
         reference = results["nova"]["reference"]
         lines += ["", "## NOVA-like images (reference protocol)", "",

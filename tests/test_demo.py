@@ -178,6 +178,7 @@ def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
     for kind in ("model", "baseline"):
         thresholds = summary["datasets"]["IXI"][kind]["fpr_thresholds"]
         assert len(thresholds) == 3 and all(_in_unit_range(t) for t in thresholds.values())
+        assert _in_unit_range(summary["datasets"]["IXI"][kind]["l1"])  # IXI_test reconstruction error
     reference = summary["nova"]["reference"]
     assert all(_in_unit_range(float(reference[k])) for k in ("mAP@30", "mAP@50", "ACC@50"))
     assert set(summary["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in summary["stages"].values())
