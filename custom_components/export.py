@@ -282,6 +282,32 @@ def export_config(text: str, path: Path, bundle: str) -> tuple[str, list[str]]:
     return new, notes
 
 
+def set_ids(text: str, path: Path, values: dict) -> str:
+    """Set the top-level ids ``values`` that the config defines (one-line values; YAML comments kept elsewhere).
+
+    Apps that read a bundle's config as it is (MONAI Label reads ``inference.yaml``) take no ``--id value``;
+    this writes such values into the exported file. The result is checked by parsing it again.
+    """
+    data = _load_config(text, path)
+    values = {k: v for k, v in values.items() if isinstance(data, dict) and k in data}
+    if not values:
+        return text
+    expected = {**data, **values}
+    if path.suffix == ".json":
+        return json.dumps(expected, indent=4) + "\n"
+    lines = text.splitlines(keepends=True)
+    for key, value in values.items():
+        at = [i for i, line in enumerate(lines) if re.match(rf"{re.escape(key)}\s*:", line)]
+        following = lines[at[0] + 1] if at and at[0] + 1 < len(lines) else ""
+        if len(at) != 1 or following.startswith((" ", "-")):
+            raise ExportError(f"{path}: `{key}` is not a one-line top-level id; cannot set it at export")
+        lines[at[0]] = f"{key}: {json.dumps(value)}  # set at export\n"
+    new_text = "".join(lines)
+    if _load_config(new_text, path) != expected:
+        raise ExportError(f"{path}: setting {sorted(values)} changed the config unexpectedly")
+    return new_text
+
+
 # ------------------------------------------------------------------------------------ export
 def _models(models: str | os.PathLike | None) -> list[Path]:
     """Model files to copy: a file itself, or the model*.pt / model*.ts files of a folder."""
@@ -346,11 +372,14 @@ def _place(staging: Path, out: Path, force: bool) -> None:
 
 
 def export_bundle(bundle: str, out: str | os.PathLike, models: str | os.PathLike | None = None,
-                  force: bool = False, bundles_dir: str | os.PathLike | None = None) -> ExportResult:
+                  force: bool = False, bundles_dir: str | os.PathLike | None = None,
+                  set_values: dict | None = None) -> ExportResult:
     """Write bundle ``bundle`` of ``bundles_dir`` (default: the repository's) as a self-contained folder ``out``.
 
     ``models``: a checkpoint file (copied as models/model.pt, or model.ts for a .ts file) or a folder whose
     model*.pt / model*.ts files are copied; None leaves models/ empty. ``force``: replace an earlier export.
+    ``set_values``: top-level ids written into every exported config that defines them (``set_ids``), e.g. a
+    numeric ``threshold`` or the demo network's ids for MONAI Label.
     """
     source = Path(bundles_dir) / bundle if bundles_dir else BUNDLES_DIR / bundle
     if not (source / "configs" / "metadata.json").is_file():
@@ -360,6 +389,7 @@ def export_bundle(bundle: str, out: str | os.PathLike, models: str | os.PathLike
     if not (source / "LICENSE").is_file():
         raise ExportError(f"{source}: no LICENSE file")
     model_files = _models(models)
+    set_values = dict(set_values or {})
     out = Path(out).resolve()
     if out.is_relative_to(source.resolve()) or source.resolve().is_relative_to(out):
         raise ExportError(f"--out {out} overlaps the source bundle {source}; choose a folder outside it")
@@ -375,9 +405,15 @@ def export_bundle(bundle: str, out: str | os.PathLike, models: str | os.PathLike
                 parsed.append(_load_config(text, path))
                 text, config_notes = export_config(text, path, bundle)
                 notes += config_notes
+                text = set_ids(text, path, set_values)
             (staging / "configs" / path.name).write_text(text, encoding="utf-8")
             configs.append(path.name)
 
+        unknown = sorted(set(set_values) - {k for c in parsed if isinstance(c, dict) for k in c})
+        if unknown:
+            raise ExportError(f"no config of {bundle} defines the id(s) {unknown} to set")
+        if set_values:
+            notes.append(f"ids set at export: {json.dumps(set_values)}")
         modules = needed_modules(parsed)
         for module in modules:
             src = _module_file(module, PACKAGE_DIR)

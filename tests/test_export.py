@@ -234,3 +234,20 @@ def test_metadata_is_valid_against_the_zoo_schema():
     schema = json.loads(ZOO_SCHEMA.read_text())
     for meta in sorted(REPO.glob("bundles/*/configs/metadata.json")):
         jsonschema.validate(json.loads(meta.read_text()), schema)
+
+
+def test_export_sets_ids_for_apps_that_read_the_config_as_it_is(tmp_path):
+    """MONAI Label reads inference.yaml as it is: ids (a numeric threshold, the demo network) are set at export."""
+    demo = {"channels": [16, 32, 64], "num_res_blocks": 1}
+    result = export_bundle("cond_ddpm", tmp_path / "b", set_values={**demo, "threshold": 0.25})
+    inference = yaml.safe_load((tmp_path / "b/configs/inference.yaml").read_text())
+    train = yaml.safe_load((tmp_path / "b/configs/train.yaml").read_text())
+    assert {k: inference[k] for k in [*demo, "threshold"]} == {**demo, "threshold": 0.25}
+    assert {k: train[k] for k in demo} == demo and "threshold" not in train  # only where the config defines the id
+    assert "# MONAI Label adds" in (tmp_path / "b/configs/inference.yaml").read_text()  # comments kept
+    assert any("ids set at export" in note for note in result.notes)
+    with pytest.raises(ExportError, match="defines the id"):
+        export_bundle("cond_ddpm", tmp_path / "c", set_values={"no_such_id": 1})
+    with pytest.raises(ExportError, match="not a one-line top-level id"):
+        export_bundle("cond_ddpm", tmp_path / "c", set_values={"network_def": 1})
+    assert not (tmp_path / "c").exists()
