@@ -309,7 +309,11 @@ def test_spark_decoder_norm_uses_visible_positions_only():
 # ---- bundle configs
 
 
-ENCODER_IDS = {"reference": {"decoder": "spark", "drop_path": 0.05}, "project": {"decoder": "light", "drop_path": 0.0}}
+ENCODER_IDS = {
+    "reference": {"decoder": "spark", "drop_path": 0.05, "train_slices": "all", "val_slices": "random",
+                  "val_interval": 1},
+    "project": {"decoder": "light", "drop_path": 0.0, "train_slices": "brain", "val_slices": "all", "val_interval": 10},
+}
 DDPM_IDS = {
     "reference": {"train_slices": "all", "shared_noise_train": True, "shared_noise_test": True, "val_interval": 1,
                   "val_slices": "random", "augmentation": "reference", "drop_path": 0.05},
@@ -326,6 +330,14 @@ def test_encoder_config_follows_protocol(protocol, extra):
     assert parser.get_parsed_content("network_def#decoder") == ENCODER_IDS[protocol]["decoder"]
     assert parser.get_parsed_content("network_def#drop_path") == ENCODER_IDS[protocol]["drop_path"]
     assert parser.get_parsed_content("protocol") == protocol
+    assert parser.get_parsed_content("train#preprocessing").slices == ENCODER_IDS[protocol]["train_slices"]
+    validation = parser.get_parsed_content("validate#preprocessing")
+    batch_size = parser.get_parsed_content("validate#dataloader#batch_size")
+    if protocol == "reference":
+        assert isinstance(validation, T.RandAxialSliced) and validation.num_samples == 1 and validation.slices == "all"
+        assert batch_size == parser.get_parsed_content("batch_size")
+    else:
+        assert isinstance(validation, T.AxialSlicesd) and validation.brain_only and batch_size == 1
 
 
 def test_encoder_demo_network_follows_protocol():
