@@ -622,13 +622,14 @@ def segment(residual, threshold: float, region=None) -> np.ndarray:
     return pred if region is None else pred & (np.asarray(region) > 0)
 
 
-def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str = "brain") -> dict:
+def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str = "brain", hausdorff: bool = True) -> dict:
     """Metrics of the segmentation ``residual > threshold`` after removing components of <= 7 voxels.
 
     ``region="brain"`` (default) counts only voxels inside ``brain_mask`` (the un-eroded mask), so
     FPR and specificity are about brain tissue; ``"volume"`` counts every voxel like the reference
     implementation. FPR is FP / (FP + TN). Hausdorff is in voxels. Returns dice, tpr, fpr,
-    precision, recall, specificity, hausdorff and the counts tp, fp, fn, tn.
+    precision, recall, specificity, the counts tp, fp, fn, tn and, unless ``hausdorff`` is False (it is
+    the slow one), hausdorff.
     """
     residual, seg, _, roi = _inputs(residual, seg, brain_mask, region)
     pred = segment(residual, threshold, roi)
@@ -637,19 +638,21 @@ def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str =
     n_pred, n_true, n_roi = int(np.count_nonzero(pred)), int(np.count_nonzero(truth)), int(np.count_nonzero(roi))
     fp, fn = n_pred - tp, n_true - tp
     tn = n_roi - tp - fp - fn
-    return {
+    out = {
         "dice": _dice_from_counts(tp, n_pred, n_true),
         "tpr": _ratio(tp, n_true),
         "fpr": _ratio(fp, fp + tn),
         "precision": _ratio(tp, n_pred),
         "recall": _ratio(tp, n_true),
         "specificity": _ratio(tn, tn + fp),
-        "hausdorff": _hausdorff(pred, truth),
         "tp": tp,
         "fp": fp,
         "fn": fn,
         "tn": tn,
     }
+    if hausdorff:
+        out["hausdorff"] = _hausdorff(pred, truth)
+    return out
 
 
 def volume_metrics(

@@ -6,7 +6,8 @@
    times the brain mask eroded per slice, 3D median filter (``metrics.postprocess_residual``);
 2. the healthy IXI val split gives the thresholds at 1 / 5 / 10 % voxel false-positive rate;
 3. per lesion data set, the Dice-optimal threshold on its pooled val split (both search methods, the
-   protocol uses ``threshold_method``), then the per-volume metrics of its test split;
+   protocol uses ``threshold_method``), then the per-volume metrics of its test split (at the other method's
+   and at the FPR thresholds too, Hausdorff only at the protocol's threshold, as the reference);
 4. IXI_test gives the reconstruction error (mean L1 and L2 over the whole volume, unmasked).
 
 ``region`` says which voxels count (``volume``: all of them, as the reference; ``brain``: the brain mask).
@@ -251,10 +252,10 @@ def score_maps(
                    **reconstruction_errors(item["image"], item["reconstruction"], seg)}
             for method, found in methods.items():
                 if method != threshold_method:
-                    at = M.threshold_metrics(item["residual"], seg, item["mask"], found["threshold"], region)
+                    at = M.threshold_metrics(item["residual"], seg, item["mask"], found["threshold"], region, False)
                     row.update({f"{method}_{k}": v for k, v in at.items()})
             for label, t in fpr.items():
-                at = M.threshold_metrics(item["residual"], seg, item["mask"], t, region)
+                at = M.threshold_metrics(item["residual"], seg, item["mask"], t, region, False)
                 row.update({f"fpr{label}_{k}": v for k, v in at.items()})
             test_rows.append(row)
             prediction = M.segment(item["residual"], chosen["threshold"], item["roi"])
