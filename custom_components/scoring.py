@@ -271,7 +271,7 @@ def score_maps(
         results[dataset] = entry
         rows += test_rows
         grid.write(output_dir / f"{dataset}_grid.png",
-                   f"{dataset}: largest lesions, threshold {chosen['threshold']:.4g} ({protocol} protocol)")
+                   f"{dataset}: largest lesions, threshold {chosen['threshold']:.4g}, {protocol} protocol")
     # 4. reconstruction error of healthy test volumes
     ixi_test = by_role.get((HEALTHY_DATASET, "test"))
     if ixi_test:
