@@ -16,7 +16,6 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
 
-
 class DropPathBlock(ResNetBlock):
     """MONAI's basic residual block with stochastic depth on the residual branch (``drop_path``, Identity = off)."""
 
