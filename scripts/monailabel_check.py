@@ -2,7 +2,7 @@
 
     python scripts/monailabel_check.py [--workdir DIR] [--venv DIR] [--port 8765]
 
-1. MONAI Label goes into its own virtual environment (``--venv``, reused when it has ``monailabel``), beside the
+1. MONAI Label goes into its own virtual environment (``--venv``, reused once complete), beside the
    system's packages, which stay as they are (the CPU torch included).
 2. Demo T2 volumes (``python -m custom_components demo_data``) form the studies folder.
 3. ``export_bundle("cond_ddpm")`` with the demo-size network (random weights) and a numeric threshold goes into
@@ -46,8 +46,8 @@ def run(command: list, **kwargs) -> None:
 
 def install(venv: Path) -> None:
     """MONAI Label, its requirements (less sam2) and the torch/torchvision pair it needs, in ``venv`` only."""
-    python = venv / "bin" / "python"
-    if (venv / "bin" / "monailabel").exists():
+    python, done = venv / "bin" / "python", venv / "monailabel-check-installed"
+    if done.exists():
         return
     run([sys.executable, "-m", "venv", "--system-site-packages", venv])
     run([python, "-m", "pip", "install", "-q", "--no-deps", MONAILABEL])
@@ -58,6 +58,7 @@ def install(venv: Path) -> None:
     constraints = venv / "constraints.txt"
     constraints.write_text("\n".join([f"monai=={version('monai')}", *PINS, *TORCH]) + "\n")
     run([python, "-m", "pip", "install", "-q", *requires, *TORCH, "-c", constraints])
+    done.touch()
 
 
 def prepare(workdir: Path, venv: Path) -> tuple[Path, Path, Path]:
