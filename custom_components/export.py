@@ -84,6 +84,14 @@ image sizes exactly). From this folder (add `configs/demo.yaml` to the config li
 The traced `models/model.ts` takes `(x, timesteps, context)` like the network.
 """
 CHECKS = {"contrastive_encoder": _ENCODER_CHECKS, "cond_ddpm": _DENOISER_CHECKS, "nova_eval": _DENOISER_CHECKS}
+APPS = {"cond_ddpm": """
+## MONAI Label
+Put this folder in the `model/` folder of MONAI Label's `monaibundle` sample app and start it with
+`--conf models <folder name> --conf sam2 false`. `POST /infer/<folder name>?image=ID` returns the anomaly
+segmentation on the volume's grid (0 background, 1 anomaly); its JSON gives the threshold and the paths of the
+anomaly map and segmentation written under `eval/inference/`. MONAI Label takes `configs/inference.yaml` as it
+is: `threshold` must be a number or `eval/metrics.json` must be here (the evaluate config writes it).
+"""}
 
 
 class ExportError(Exception):
@@ -353,7 +361,7 @@ Tools that do not put the bundle on `sys.path` (`verify_net_in_out`, `ckpt_expor
 `PYTHONPATH=DIR`.
 
 ## Checking the network, TorchScript
-{CHECKS.get(bundle, "Not checked for this bundle.")}"""
+{CHECKS.get(bundle, "Not checked for this bundle.")}{APPS.get(bundle, "")}"""
 
 
 def _place(staging: Path, out: Path, force: bool) -> None:
