@@ -3,8 +3,8 @@
 ``make_demo_data(out)`` writes, without any network access::
 
     Train/ixi/{t1,t2,mask}/           healthy IXI-like T2 volumes + brain masks
-    Test/Brats21/{t1,t2,mask,seg}/    BraTS21-like volumes with large tumour + oedema lesions
-    Test/MSLUB/{t1,t2,mask,seg}/      MSLUB-like volumes with small periventricular WM lesions
+    Test/Brats21/{t1,t2,mask,seg}/    BraTS21-like volumes with tumour + oedema lesions
+    Test/MSLUB/{t1,t2,mask,seg}/      MSLUB-like volumes with MS-like white-matter lesions
     splits/*.csv                      split CSVs in the distributed formats (t1 paths, see below)
     NOVA/images/*.png, NOVA/metadata.csv
     demo_data.json                    the generation settings (marks a finished demo data root)
@@ -15,19 +15,28 @@ The ``t1`` folders stay empty: only T2 volumes are synthesised. The split CSVs s
 absent from ``avail_t2.csv``, as in the real (incomplete) IXI T2 series, so the filter gets exercised.
 
 Anatomy comes from the MNI152 2009 template and its grey/white-matter maps shipped inside the nilearn
-wheel (read from the installed package, no download). Each subject gets a T2-like contrast (CSF bright,
-GM mid, WM dark), a smooth random deformation, a smooth bias field, noise and skull-stripping (zero
-outside the brain mask). Volumes are 1 mm NIfTI (float32 images, uint8 masks and segmentations) on the
-template grid cropped to the brain's bounding box plus a margin (157 x 193 x 161 voxels), with the
-template's affine; the middle of the brain is at the middle axial slice, so the pipeline's centre crop
-to 100 slices keeps it, and every lesion lies within those slices. BraTS-like lesions: large lobulated
-oedema (brighter than grey matter, following the white matter) with a darker solid core and sometimes a
-bright necrotic centre; MSLUB-like: several small ovoid lesions next to the lateral ventricles. CSF stays
-the brightest tissue, so a plain threshold does not find the lesions.
+wheel (read from the installed package, no download). Subjects differ as real ones do: head and brain
+size, hemispheric asymmetry, a few degrees and millimetres of misregistration, local shape, ventricle
+size and sulcal width (atrophy), T2 contrast (CSF bright, GM mid, WM dark), bias field and noise; all
+are skull-stripped (zero outside the brain mask). Volumes are 1 mm NIfTI (float32 images, uint8 masks
+and segmentations) on the template grid cropped to the brain's bounding box plus a margin (157 x 193 x
+161 voxels), with the template's affine; the middle of the brain is at the middle axial slice, so the
+pipeline's centre crop to 100 slices keeps it, and every lesion lies within those slices.
 
-NOVA-like images are axial slices (T2, FLAIR or T1 post-contrast contrast, 200-512 pixels a side, not
-all square) with one or several lesions; ``metadata.csv`` has NOVA's columns with ``bbox_gold`` boxes
-as Python-literal strings (pixels; ``x``, ``y`` = top-left corner, ``x + width`` exclusive, i.e. the
+BraTS-like tumours overlap normal tissue in T2 signal, as real ones do: lobulated oedema following the
+white matter, between grey matter and CSF in brightness; a heterogeneous solid core about as bright as
+grey matter; sometimes CSF-bright necrosis; mass effect pushing the surrounding tissue (and ventricles)
+aside. A plain intensity threshold therefore finds them poorly (the intensity baseline of
+``benchmarks/demo_data_baseline.py``: Dice about 0.3 at the default size; real BraTS21 T2 about 0.2),
+while they remain plainly visible as anatomy that does not belong. MSLUB-like: ten to thirty-five
+lesions with log-normal sizes (mostly a few millimetres, some confluent), mostly periventricular ovoids
+pointing away from the ventricles, some juxtacortical and in deep white matter, between grey matter and
+CSF in brightness.
+
+NOVA-like images are axial clinical slices (T2, FLAIR or T1 post-contrast contrast, 200-512 pixels a
+side, not all square, the head filling 60-95 % of the image at a random position), most with skull and
+scalp, with one or several lesions; ``metadata.csv`` has NOVA's columns with ``bbox_gold`` boxes as
+Python-literal strings (pixels; ``x``, ``y`` = top-left corner, ``x + width`` exclusive, i.e. the
 lesion's pixel extent) and two raters' boxes in ``bbox_raters``; most captions mention T2, some do not.
 
 Everything is drawn from per-item random generators derived from ``seed``: same seed, same bytes (on
@@ -99,6 +108,11 @@ class _Anatomy:
     region_xyz: np.ndarray  # (3, len(region)) float32 voxel coordinates of those voxels
     tumour_centres: np.ndarray  # (K, 3) voxel indices deep in the cerebrum, for tumour centres
     ms_centres: np.ndarray  # (K, 3) voxel indices of periventricular white matter
+    ms_axes: np.ndarray  # (K, 3) unit vectors away from the ventricles at ms_centres (Dawson's fingers)
+    juxta_centres: np.ndarray  # (K, 3) voxel indices of white matter touching the cortex
+    deep_centres: np.ndarray  # (K, 3) voxel indices of deep white matter away from ventricles and cortex
+    sulcal: np.ndarray  # 0..1, CSF next to grey matter: where atrophy widens the sulci
+    ventricle_centre: np.ndarray  # (3,) voxel centroid of the lateral ventricles
     midline_x: float  # voxel x of the mid-sagittal plane (world x = 0)
 
     @property
@@ -150,11 +164,23 @@ def _anatomy() -> _Anatomy:
     tumour_ok = (depth > 16) & (z > -6) & (z < 10) & (csf < 0.3)
     ventricles = (csf > 0.6) & (depth > 14)
     dist_vent = _coarse_distance(~ventricles)
-    ms_ok = (wm > 0.85) & (dist_vent > 1.5) & (dist_vent < 9) & (z > -16) & (z < 24)
+    dist_cortex = _coarse_distance(~((gm > 0.5) & (depth < 12)))
+    in_slab = (z > -16) & (z < 24)
+    ms_ok = (wm > 0.7) & (dist_vent > 1.5) & (dist_vent < 7) & in_slab
+    juxta_ok = (wm > 0.5) & (dist_cortex > 0.5) & (dist_cortex < 3.5) & (depth > 6) & in_slab
+    deep_ok = (wm > 0.85) & (dist_vent > 10) & (dist_cortex > 6) & in_slab
+    ms_centres = np.argwhere(ms_ok)[::3]
+    grad = np.stack([g[tuple(ms_centres.T)] for g in np.gradient(ndi.gaussian_filter(dist_vent, 2.0))], 1)
+    ms_axes = grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-6)
+    # sulcal CSF: CSF in the cortical ribbon, which atrophy widens at the expense of grey matter
+    sulcal = np.clip(ndi.gaussian_filter(csf * (dist_vent > 6), 1.0) * 2.5, 0, 1) * ((gm > 0.05) | (csf > 0.05))
     return _Anatomy(
         gm=gm.astype(np.float32), wm=wm.astype(np.float32), csf=csf, affine=affine, region=region,
         region_xyz=region_xyz, tumour_centres=np.argwhere(tumour_ok)[::7].astype(np.int32),
-        ms_centres=np.argwhere(ms_ok).astype(np.int32), midline_x=midline_x,
+        ms_centres=ms_centres.astype(np.int32), ms_axes=ms_axes.astype(np.float32),
+        juxta_centres=np.argwhere(juxta_ok)[::3].astype(np.int32),
+        deep_centres=np.argwhere(deep_ok)[::3].astype(np.int32), sulcal=sulcal.astype(np.float32),
+        ventricle_centre=np.argwhere(ventricles & (z > -10)).mean(0), midline_x=midline_x,
     )
 
 
@@ -198,13 +224,15 @@ def _random_orthonormal(rng: np.random.Generator, ndim: int) -> np.ndarray:
 def _blob(
     rng: np.random.Generator, shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray,
     roughness: float, edge: float = 0.06, lobes: int = 1, spread: np.ndarray | None = None,
+    rotation: np.ndarray | None = None,
 ) -> np.ndarray:
     """Soft irregular ellipsoid (2D or 3D) in a box: 1 inside, 0 outside, a smooth rim.
 
     ``lobes`` > 1 joins smaller ellipsoids around the first one; the radius is modulated by a smooth
     random field (``roughness`` = its relative amplitude) and grows where ``spread`` (0..1, e.g. white
     matter) is high, so tumour-like shapes are lobulated and follow the white matter; a single lobe with
-    small roughness gives an ovoid MS-like lesion.
+    small roughness gives an ovoid MS-like lesion. ``rotation`` (rows = the axes of ``radii``) orients the
+    first lobe, e.g. the long axis of a lesion along the direction away from the ventricles.
     """
     ndim = len(shape)
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
@@ -215,7 +243,7 @@ def _blob(
         else:
             c = centre + rng.normal(0.0, 0.4, ndim) * radii
             rad = radii * rng.uniform(0.45, 0.8, ndim)
-        rot = _random_orthonormal(rng, ndim).astype(np.float32)
+        rot = (rotation if lobe == 0 and rotation is not None else _random_orthonormal(rng, ndim)).astype(np.float32)
         r2 = np.zeros(shape, np.float32)
         for i in range(ndim):
             u = sum(rot[i, j] * (grids[j] - np.float32(c[j])) for j in range(ndim))
@@ -246,17 +274,34 @@ class _Subject:
 
 
 class _Warp:
-    """Per-subject smooth spatial transform: output voxel -> template voxel (affine + smooth displacement)."""
+    """Per-subject smooth spatial transform: output voxel -> template voxel (affine + smooth displacement).
 
-    def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int]):
+    Subjects differ in head size and shape (scaling), hemispheric asymmetry, position (a few degrees and
+    millimetres of misregistration) and local shape; :meth:`expand` adds local swelling (ventricle
+    enlargement, a tumour's mass effect).
+    """
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int], midline_x: float):
         self.shape = shape
         self.centre = (np.asarray(shape, np.float64) - 1) / 2
-        scale = rng.uniform(0.96, 1.03) * rng.uniform(0.98, 1.02, 3)
-        angles = np.deg2rad(rng.uniform(-1, 1, 3) * np.array([2.0, 2.0, 3.0]))
+        scale = rng.uniform(0.88, 1.03) * rng.uniform(0.97, 1.03, 3)
+        angles = np.deg2rad(rng.uniform(-1, 1, 3) * np.array([3.0, 3.0, 4.0]))
         self.matrix = _rotation(angles) @ np.diag(1.0 / scale)
-        self.shift = rng.uniform(-2.0, 2.0, 3)
+        self.shift = rng.uniform(-3.0, 3.0, 3)
         amp = rng.uniform(1.5, 3.0)  # mm, std of the smooth displacement
         self.disp = [amp * _smooth_field(rng, shape, (5, 6, 5)) for _ in range(3)]
+        # asymmetry: one hemisphere up to 4 % wider than the other
+        x = np.arange(shape[0], dtype=np.float32) - np.float32(midline_x)
+        self.disp[0] -= (np.float32(rng.uniform(-0.04, 0.04)) * np.maximum(x, 0))[:, None, None]
+
+    def expand(self, centre: np.ndarray, amount: float, sigma: float) -> None:
+        """Swell the tissue around output voxel ``centre``: near it the template is magnified by about
+        ``1 / (1 - amount)``, fading out over ``sigma`` voxels (the centre itself stays in place)."""
+        axes = [np.arange(n, dtype=np.float32) - np.float32(c) for n, c in zip(self.shape, centre)]
+        g = [np.exp(-0.5 * (a / np.float32(sigma)) ** 2) for a in axes]
+        gauss = np.float32(amount) * g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
+        for i, a in enumerate(axes):
+            self.disp[i] -= gauss * a.reshape([-1 if j == i else 1 for j in range(3)])
 
     def _apply(self, xyz: np.ndarray, disp: list[np.ndarray]) -> np.ndarray:
         offset = (self.centre + self.shift - self.matrix @ self.centre).astype(np.float32)
@@ -295,14 +340,21 @@ def _composite(image: np.ndarray, alpha_all: np.ndarray, box: tuple[slice, ...],
     alpha_all[box] = np.maximum(alpha_all[box], alpha)
 
 
-def _add_tumour(rng, image, alpha_all, mask, warp, anat, c_csf) -> None:
-    """Large lobulated hyperintense oedema with a darker solid core and sometimes a bright necrotic centre.
+def _plan_tumour(rng, warp: _Warp, anat: _Anatomy, size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A tumour's centre (output voxel) and oedema radii; its mass effect swells the tissue around it."""
+    centre = warp.to_output(anat.tumour_centres[rng.integers(len(anat.tumour_centres))].astype(np.float64))
+    radii = size * rng.uniform(14.0, 30.0) * rng.uniform(0.8, 1.2, 3)
+    warp.expand(centre, amount=size * rng.uniform(0.08, 0.2), sigma=float(radii.mean()) * 1.2)
+    return centre, radii
+
+
+def _add_tumour(rng, image, alpha_all, mask, warp, anat, c_csf, centre, r_oedema) -> None:
+    """A lobulated tumour whose T2 signal overlaps normal tissue: oedema between grey matter and CSF,
+    a heterogeneous solid core about as bright as grey matter, sometimes fluid-bright necrosis.
 
     The shapes are smooth, so they are drawn on a 2 mm grid over the lesion's box and upsampled: the
     blended layers reduce to ``image * keep + add`` (alpha compositing), three arrays to upsample.
     """
-    centre = warp.to_output(anat.tumour_centres[rng.integers(len(anat.tumour_centres))].astype(np.float64))
-    r_oedema = rng.uniform(14.0, 30.0) * rng.uniform(0.8, 1.2, 3)
     half = 2 * int(np.ceil(r_oedema.max() * 0.9)) + 2  # even: odd box sizes map exactly onto the 2 mm grid
     box, c = _box(centre, half, image.shape)
     shp = image[box].shape
@@ -315,16 +367,18 @@ def _add_tumour(rng, image, alpha_all, mask, warp, anat, c_csf) -> None:
     inside = 1.0 - 0.85 * np.clip(csf, 0, 1)  # oedema spares the ventricles
     lobes = int(rng.integers(1, 4))
     oedema = _blob(rng, cshape, c, r_oedema, roughness=rng.uniform(0.2, 0.4), lobes=lobes, spread=wm) * inside
-    texture = 1.0 + 0.07 * _smooth_field(rng, cshape, 7)
+    # oedema fades towards its rim (partial volume with the surrounding tissue) and varies inside
+    oedema_level = rng.uniform(0.58, 0.8) * (1.0 + 0.12 * _smooth_field(rng, cshape, 7))
     keep = 1.0 - oedema
-    add = oedema * (c_csf * rng.uniform(0.8, 0.92)) * texture
-    if rng.random() < 0.8:  # solid tumour core: darker than the oedema, still brighter than GM
-        r_core = r_oedema * rng.uniform(0.35, 0.6)
-        core = _blob(rng, cshape, c + rng.uniform(-1, 1, 3), r_core, roughness=0.3, lobes=2) * oedema
-        keep, add = keep * (1.0 - core), add * (1.0 - core) + core * (c_csf * rng.uniform(0.6, 0.72)) * texture
-        if rng.random() < 0.5:  # necrosis: fluid-like, bright
-            necro = _blob(rng, cshape, c, r_core * rng.uniform(0.3, 0.55), roughness=0.2) * core
-            keep, add = keep * (1.0 - necro), add * (1.0 - necro) + necro * (c_csf * rng.uniform(0.85, 0.95))
+    add = oedema * c_csf * oedema_level
+    if rng.random() < 0.85:  # solid core: heterogeneous, around grey matter
+        r_core = r_oedema * rng.uniform(0.4, 0.65)
+        core = _blob(rng, cshape, c + rng.uniform(-1, 1, 3), r_core, roughness=0.35, lobes=2) * oedema
+        core_level = rng.uniform(0.42, 0.6) * (1.0 + 0.2 * _smooth_field(rng, cshape, 10))
+        keep, add = keep * (1.0 - core), add * (1.0 - core) + core * c_csf * core_level
+        if rng.random() < 0.6:  # necrosis / cyst: fluid, as bright as CSF
+            necro = _blob(rng, cshape, c, r_core * rng.uniform(0.3, 0.6), roughness=0.3) * core
+            keep, add = keep * (1.0 - necro), add * (1.0 - necro) + necro * (c_csf * rng.uniform(0.85, 1.0))
 
     factors = np.asarray(shp, np.float64) / np.asarray(cshape, np.float64)
     m = mask[box]
@@ -335,30 +389,71 @@ def _add_tumour(rng, image, alpha_all, mask, warp, anat, c_csf) -> None:
     alpha_all[box] = np.maximum(alpha_all[box], alpha)
 
 
+def _ms_lesion_sites(rng, anat: _Anatomy, n: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Template voxel centres (and long-axis directions) of ``n`` MS lesions: mostly periventricular,
+    oriented away from the ventricles, some juxtacortical, a few in deep white matter."""
+    sites = []
+    for kind in rng.choice(3, size=n, p=[0.6, 0.28, 0.12]):
+        if kind == 0:
+            i = rng.integers(len(anat.ms_centres))
+            sites.append((anat.ms_centres[i].astype(np.float64), anat.ms_axes[i].astype(np.float64)))
+        else:
+            pool = anat.juxta_centres if kind == 1 else anat.deep_centres
+            sites.append((pool[rng.integers(len(pool))].astype(np.float64), None))
+    return sites
+
+
 def _add_ms_lesions(rng, image, alpha_all, mask, warp, anat, c_csf) -> None:
-    """Several small ovoid hyperintense lesions in periventricular white matter."""
-    for _ in range(int(rng.integers(6, 15))):
-        p = anat.ms_centres[rng.integers(len(anat.ms_centres))].astype(np.float64)
+    """MS-like T2 lesions: ten to thirty-five, most a few millimetres across (log-normal sizes), some
+    confluent; periventricular ovoids perpendicular to the ventricles, juxtacortical and deep ones;
+    moderately hyperintense (between grey matter and CSF), so intensity alone does not separate them."""
+    sites = _ms_lesion_sites(rng, anat, int(rng.integers(10, 36)))
+    for p, axis in sites:
         centre = warp.to_output(p)
-        radii = rng.uniform(1.8, 4.5) * np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(1.0, 1.8)])
+        radius = float(np.clip(rng.lognormal(np.log(2.2), 0.5), 1.2, 8.0))
+        if axis is not None and rng.random() < 0.2:  # confluent periventricular lesion
+            radius = rng.uniform(5.0, 10.0)
+        radii = radius * np.array([rng.uniform(1.3, 2.0), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
+        rotation = None
+        if axis is not None:  # first radius along the direction away from the ventricles
+            other = np.cross(axis, _random_orthonormal(rng, 3)[0])
+            other /= max(np.linalg.norm(other), 1e-6)
+            rotation = np.stack([axis, other, np.cross(axis, other)])
         half = int(np.ceil(radii.max() * 1.6)) + 2
         box, c = _box(centre, half, image.shape)
         wm_box = ndi.map_coordinates(anat.wm, warp.box_coordinates(box), order=1, prefilter=False)
-        lesion = _blob(rng, image[box].shape, c, radii, roughness=0.08) * np.clip((wm_box - 0.3) / 0.4, 0, 1)
-        _composite(image, alpha_all, box, lesion * mask[box], c_csf * rng.uniform(0.72, 0.9))
+        lesion = _blob(rng, image[box].shape, c, radii, roughness=0.15, rotation=rotation)
+        lesion *= np.clip((wm_box - 0.2) / 0.4, 0, 1)
+        _composite(image, alpha_all, box, lesion * mask[box], c_csf * rng.uniform(0.6, 0.85))
 
 
 def _make_subject(rng: np.random.Generator, kind: str) -> _Subject:
-    """One T2-like volume: ``kind`` is ``healthy``, ``tumour`` or ``ms``."""
+    """One T2-like volume: ``kind`` is ``healthy``, ``tumour`` or ``ms``.
+
+    Subjects differ in anatomy (head size, asymmetry, position, ventricle size, sulcal width) and in
+    contrast, bias field and noise, so that a subject-specific condition carries information.
+    """
     anat = _anatomy()
     shape = anat.shape
     c_csf = float(rng.uniform(700.0, 1100.0))
     c_gm = c_csf * float(rng.uniform(0.5, 0.58))
     c_wm = c_csf * float(rng.uniform(0.31, 0.37))
-    template = np.float32(c_csf) * anat.csf + np.float32(c_gm) * anat.gm + np.float32(c_wm) * anat.wm
+    atrophy = float(rng.beta(1.5, 2.5))  # 0: young brain, 1: marked atrophy
+
+    warp = _Warp(rng, shape, anat.midline_x)
+    ventricles = warp.to_output(anat.ventricle_centre + rng.normal(0.0, 2.0, 3))
+    warp.expand(ventricles, amount=0.6 * atrophy + rng.uniform(-0.15, 0.1), sigma=rng.uniform(14.0, 22.0))
+    tumours = []
+    if kind == "tumour":
+        sizes = [1.0] + ([rng.uniform(0.4, 0.7)] if rng.random() < 0.15 else [])  # occasional second focus
+        tumours = [_plan_tumour(rng, warp, anat, size) for size in sizes]
+
+    # atrophy: sulcal CSF widens at the expense of the grey matter next to it
+    widen = np.float32(atrophy * 0.8) * anat.sulcal * anat.gm
+    template = (np.float32(c_csf) * (anat.csf + widen) + np.float32(c_gm) * (anat.gm - widen)
+                + np.float32(c_wm) * anat.wm)
 
     # Warp only the voxels a brain can reach; everything else is background (zero).
-    warp = _Warp(rng, shape)
     values = ndi.map_coordinates(template, warp.region_coordinates(anat), order=1, output=np.float32, prefilter=False)
     image = np.zeros(shape, np.float32)
     image.ravel()[anat.region] = values
@@ -367,14 +462,15 @@ def _make_subject(rng: np.random.Generator, kind: str) -> _Subject:
     seg = None
     if kind != "healthy":
         alpha_all = np.zeros(shape, np.float32)
-        add = _add_tumour if kind == "tumour" else _add_ms_lesions
-        n = 2 if (kind == "tumour" and rng.random() < 0.15) else 1  # occasional multifocal tumour
-        for _ in range(n):
-            add(rng, image, alpha_all, mask, warp, anat, c_csf)
+        if kind == "tumour":
+            for centre, radii in tumours:
+                _add_tumour(rng, image, alpha_all, mask, warp, anat, c_csf, centre, radii)
+        else:
+            _add_ms_lesions(rng, image, alpha_all, mask, warp, anat, c_csf)
         seg = ((alpha_all > 0.5) & (mask > 0)).astype(np.uint8)
 
     values = image.ravel()[anat.region]
-    values *= np.exp(np.float32(rng.uniform(0.05, 0.15)) * _smooth_field(rng, shape, 3).ravel()[anat.region])
+    values *= np.exp(np.float32(rng.uniform(0.05, 0.2)) * _smooth_field(rng, shape, 3).ravel()[anat.region])
     values += rng.standard_normal(len(values), dtype=np.float32) * np.float32(rng.uniform(0.015, 0.03) * c_csf)
     values *= mask.ravel()[anat.region]
     np.maximum(values, 0.0, out=values)
@@ -466,9 +562,10 @@ def _nova_image(rng: np.random.Generator, anat: _Anatomy, modality: str, n_lesio
         lab = labels[box]
         lab[(alpha > 0.5) & (lab == 0)] = k + 1
 
-    base *= np.exp(0.1 * _smooth_field(rng, shape2, 3))
-    base += 0.02 * rng.standard_normal(shape2).astype(np.float32)
-    base = np.clip(base, 0, None) * brain
+    base, labels, head = _add_skull(rng, base * brain, labels, brain, modality)
+    base *= np.exp(0.1 * _smooth_field(rng, base.shape, 3))
+    base += 0.02 * rng.standard_normal(base.shape).astype(np.float32)
+    base = np.clip(base, 0, None) * head
     # radiological display: anterior up, patient's right on the image's left
     base, labels = base[::-1, ::-1].T, labels[::-1, ::-1].T
 
@@ -476,7 +573,7 @@ def _nova_image(rng: np.random.Generator, anat: _Anatomy, modality: str, n_lesio
     height, width = int(rng.integers(200, 513)), int(rng.integers(200, 513))
     if rng.random() < 0.35:
         width = height
-    fill = rng.uniform(0.75, 0.95)
+    fill = rng.uniform(0.6, 0.95)
     zoom = min(height / base.shape[0], width / base.shape[1]) * fill
     img = ndi.zoom(base, zoom, order=1)
     lab = ndi.zoom(labels, zoom, order=0)
@@ -497,6 +594,30 @@ def _nova_image(rng: np.random.Generator, anat: _Anatomy, modality: str, n_lesio
             continue
         boxes.append((float(x0), float(y0), float(x1 - x0), float(y1 - y0)))
     return png, boxes, side or "left"
+
+
+#: Extra-cerebral tissue of a clinical slice per contrast: (CSF rim, bone, marrow, scalp fat) intensities.
+_NOVA_HEAD = {"t2": (0.8, 0.04, 0.2, 0.7), "flair": (0.1, 0.04, 0.25, 0.65), "t1c": (0.12, 0.04, 0.6, 0.9)}
+
+
+def _add_skull(rng, base: np.ndarray, labels: np.ndarray, brain: np.ndarray, modality: str):
+    """Most clinical slices are not skull-stripped: pad the slice and draw, outside the brain, a thin CSF
+    rim, the skull (dark tables around brighter marrow) and the scalp; a quarter of the slices stay
+    skull-stripped. Returns the padded image, labels and head mask."""
+    pad = 24
+    base, labels = np.pad(base, pad), np.pad(labels, pad)
+    brain = np.pad(brain, pad)
+    if rng.random() < 0.25:
+        return base, labels, brain
+    csf, bone, marrow, fat = _NOVA_HEAD[modality]
+    rim, table, diploe, scalp = rng.uniform(1.0, 3.0), rng.uniform(2.0, 3.0), rng.uniform(2.0, 5.0), rng.uniform(3.0, 8.0)
+    dist = ndi.distance_transform_edt(~brain) * (1.0 + 0.15 * _smooth_field(rng, base.shape, 4))
+    edges = np.cumsum([rim, table, diploe, table, scalp])
+    values = [csf, bone, marrow, bone, fat]
+    out = base.copy()
+    for lo, hi, v in zip(np.concatenate([[0.0], edges[:-1]]), edges, values):
+        out[~brain & (dist > lo) & (dist <= hi)] = v
+    return out, labels, brain | (dist <= edges[-1])
 
 
 def _box_string(boxes: list[tuple[float, float, float, float]], raters: list[str] | None = None) -> str:
