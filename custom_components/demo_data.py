@@ -610,7 +610,8 @@ def _add_skull(rng, base: np.ndarray, labels: np.ndarray, brain: np.ndarray, mod
     if rng.random() < 0.25:
         return base, labels, brain
     csf, bone, marrow, fat = _NOVA_HEAD[modality]
-    rim, table, diploe, scalp = rng.uniform(1.0, 3.0), rng.uniform(2.0, 3.0), rng.uniform(2.0, 5.0), rng.uniform(3.0, 8.0)
+    rim, table = rng.uniform(1.0, 3.0), rng.uniform(2.0, 3.0)  # mm
+    diploe, scalp = rng.uniform(2.0, 5.0), rng.uniform(3.0, 8.0)
     dist = ndi.distance_transform_edt(~brain) * (1.0 + 0.15 * _smooth_field(rng, base.shape, 4))
     edges = np.cumsum([rim, table, diploe, table, scalp])
     values = [csf, bone, marrow, bone, fat]
