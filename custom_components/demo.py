@@ -192,21 +192,23 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
             outputs=[out / "metrics.json"], folder=out,
             description=("the model's residual maps" if not baseline else "the intensity baseline")
             + " scored: thresholds from the val splits and healthy IXI, metrics on the test splits"))
-    nova = w / "nova"
-    stages += [
-        Stage("nova_predict", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
-                  "dataset_dir": data, "ckpt_path": ddpm, "output_dir": nova,
-                  "predictions_file": nova / "predictions.json", "save_overlays": True, "seed": seed,
-                  **profile["network"], **profile["nova"], **tracking("nova_predict")}),
-              outputs=[nova / "predictions.json"], folder=nova,
-              description="anomaly boxes on the NOVA-like images from the model's residuals"),
-        Stage("nova_metrics", bundle_command("nova_eval", ["evaluate.yaml"], {
-                  "dataset_dir": data, "output_dir": nova, "predictions_file": nova / "predictions.json",
-                  "metadata_file": data / "NOVA" / "metadata.csv", "output_file": nova / "metrics.json",
-                  **tracking("nova_metrics")}),
-              outputs=[nova / "metrics.json"], folder=nova / "metrics.json",
-              description="NOVA reference localisation metrics of the predicted boxes"),
-    ]
+    for suffix, protocol in (("", "reference"), ("_project", "project")):  # the published recipe, then ours
+        nova = w / f"nova{suffix}"
+        stages += [
+            Stage(f"nova_predict{suffix}", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
+                      "dataset_dir": data, "ckpt_path": ddpm, "output_dir": nova, "protocol": protocol,
+                      "cache_dir": cache, "fold": 0, "predictions_file": nova / "predictions.json",
+                      "save_overlays": True, "seed": seed, **profile["network"], **profile["nova"],
+                      **tracking(f"nova_predict{suffix}")}),
+                  outputs=[nova / "predictions.json"], folder=nova,
+                  description=f"anomaly boxes on the NOVA-like images from the model's residuals, {protocol} protocol"),
+            Stage(f"nova_metrics{suffix}", bundle_command("nova_eval", ["evaluate.yaml"], {
+                      "dataset_dir": data, "output_dir": nova, "predictions_file": nova / "predictions.json",
+                      "metadata_file": data / "NOVA" / "metadata.csv", "output_file": nova / "metrics.json",
+                      **tracking(f"nova_metrics{suffix}")}),
+                  outputs=[nova / "metrics.json"], folder=nova / "metrics.json",
+                  description=f"NOVA localisation metrics of the {protocol}-protocol boxes"),
+        ]
     return stages
 
 
@@ -358,10 +360,11 @@ def print_summary(summary: dict) -> None:
             if any(v is not None for v in values):
                 print("{:<10} {:<13} {:>8} {:>8}".format(dataset, metric,
                                                          *("-" if v is None else f"{v:.3f}" for v in values)))
-    reference = (summary.get("nova") or {}).get("reference") or {}
-    if reference:
-        print("NOVA      " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                        for k, v in reference.items()))
+    for key, label in (("nova", "NOVA reference protocol"), ("nova_project", "NOVA project protocol")):
+        metrics = (summary.get(key) or {}).get("reference") or {}
+        if metrics:
+            print(f"{label}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in metrics.items()))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -446,8 +449,8 @@ def stage_metrics(stage: str, workdir: Path) -> dict[str, float]:
     if stage == "data":
         manifest = _read_json(workdir / "data" / "demo_data.json") or {}
         return {k: float(v) for k, v in manifest.items() if k.startswith("n_") and isinstance(v, (int, float))}
-    if stage == "nova_predict":
-        predictions = _read_json(workdir / "nova" / "predictions.json") or {}
+    if stage.startswith("nova_predict"):
+        predictions = _read_json(workdir / stage.replace("_predict", "") / "predictions.json") or {}
         return {"n_images": float(len(predictions)), "n_boxes": float(sum(len(b) for b in predictions.values()))}
     return {}
 
@@ -515,13 +518,13 @@ def summarize_results(workdir: Path) -> dict:
                       "l1": _number((((r or {}).get("IXI") or {}).get("metrics") or {}).get("l1"))}
                for kind, r in results.items()},
         }
-    nova = _read_json(workdir / "nova" / "metrics.json")
-    nova_summary = None
-    if nova:
-        nova_summary = {"reference": {k: nova.get("reference", {}).get(k) for k in NOVA_METRICS
-                                      if k in nova.get("reference", {})},
-                        "score_ranked": nova.get("score_ranked"), "n_images": nova.get("n_images")}
-    return {"datasets": datasets, "nova": nova_summary}
+    novas = {}
+    for key, folder in (("nova", "nova"), ("nova_project", "nova_project")):  # boxes of the two NOVA protocols
+        nova = _read_json(workdir / folder / "metrics.json")
+        novas[key] = None if not nova else {
+            "reference": {k: nova.get("reference", {}).get(k) for k in NOVA_METRICS if k in nova.get("reference", {})},
+            "score_ranked": nova.get("score_ranked"), "n_images": nova.get("n_images")}
+    return {"datasets": datasets, **novas}
 
 
 def _training_curves(tracker: Tracker | None, out: Path) -> Path | None:
@@ -589,7 +592,7 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
         tracker.log_files("data", previews)
     curves = _training_curves(tracker, workdir / "figures" / "training_curves.png")
     grids = [p for kind in ("model", "baseline") for p in sorted((workdir / "eval" / kind).glob("*_grid.png"))]
-    overlays = sorted((workdir / "nova" / "overlays").glob("*.png"))[:6]
+    overlays = [p for folder in ("nova", "nova_project") for p in sorted((workdir / folder / "overlays").glob("*.png"))[:4]]
     summary = {
         "size": size, "seed": seed, "workdir": str(workdir), "profile": PROFILES[size],
         "networks": network_settings(size),
@@ -629,11 +632,16 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
                   + ".", "", f"Mean L1 reconstruction error on {ixi.get('test_split')} ({ixi.get('n_test_volumes')} "
                   f"volumes, whole volume): model {_fmt((ixi.get('model') or {}).get('l1'), 4)}, intensity baseline "
                   f"(reconstruction 0) {_fmt((ixi.get('baseline') or {}).get('l1'), 4)}."]
-    if results["nova"]:
-        reference = results["nova"]["reference"]
-        lines += ["", "## NOVA-like images (reference protocol)", "",
-                  "| " + " | ".join(reference) + " |", "|" + "---|" * len(reference),
-                  "| " + " | ".join(_fmt(v) for v in reference.values()) + " |"]
+    boxes = {label: results[key]["reference"] for key, label in
+             (("nova", "reference (published recipe)"), ("nova_project", "project (head mask, training scale, "
+                                                                          "calibrated threshold)")) if results.get(key)}
+    if boxes:
+        columns = list(next(iter(boxes.values())))
+        lines += ["", "## NOVA-like images", "",
+                  "Boxes from the same model's residuals under both NOVA protocols, scored with the published metric.",
+                  "", "| protocol | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {label} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |"
+                  for label, values in boxes.items()]
     lines += ["", "## Figures", ""]
     if previews:
         lines += ["### Data (slice with the largest lesion, lesion outlined)", ""]
@@ -643,8 +651,8 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
         lines += [f"**{p.parent.name}, {p.stem.replace('_grid', '')}**\n\n![{p.parent.name} {p.stem}]({rel(p)})\n"
                   for p in grids]
     if overlays:
-        lines += ["### NOVA boxes (gold green, predicted red)", ""]
-        lines += [" ".join(f"![{p.stem}]({rel(p)})" for p in overlays), ""]
+        lines += ["### NOVA boxes (gold green, predicted red): reference protocol, then project", ""]
+        lines += [" ".join(f"![{p.parent.parent.name} {p.stem}]({rel(p)})" for p in overlays), ""]
     if curves:
         lines += ["### Training curves (from the MLflow store)", "", f"![training curves]({rel(curves)})", ""]
     lines += ["## Stages", "", "Each stage is an ordinary command, run from the repository root; logs in `logs/`.",
@@ -653,6 +661,6 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
     lines += ["", "## Experiment tracking", "",
               f"All stages are runs of the MLflow experiment `{EXPERIMENT}`: `mlflow ui --backend-store-uri {uri}`.",
               "", "Numbers: `summary.json`; per-volume metrics: `eval/*/per_volume.csv`; full metrics: "
-              "`eval/*/metrics.json`, `nova/metrics.json`.", ""]
+              "`eval/*/metrics.json`, `nova/metrics.json`, `nova_project/metrics.json`.", ""]
     write_text_atomic(workdir / "report.md", "\n".join(lines))
     return summary

@@ -1,7 +1,8 @@
 """The paper's evaluation from data to table: ``python -m custom_components reproduce --data_root DATA --workdir W``.
 
 Per fold: contrastive encoder -> cond_ddpm -> maps (``evaluate.yaml``) -> scores (``score.yaml``, under every
-protocol of ``score_protocols``); then NOVA boxes and metrics with one fold's model; then the five-fold table
+protocol of ``score_protocols``); then NOVA boxes and metrics with one fold's model (under the same protocols);
+then the five-fold table
 (``summarize_folds``) per protocol. Every stage is an ordinary command, printed and logged to ``W/logs``; finished
 stages are skipped, interrupted trainings resume from their checkpoints, and all runs go to one MLflow store,
 ``W/mlruns.db`` (experiment ``reproduce``).
@@ -83,18 +84,21 @@ def plan(data_root, workdir, folds=None, nova_fold: int | None = None, protocol:
                 f"score_{k}_{p}", maps_dir=maps, output_dir=out, protocol=p, **(tiny["score"] if tiny else {}))),
                 outputs=[out / "metrics.json"], folder=out, description=f"fold {k}: the maps scored, {p} protocol"))
     if (data / "NOVA" / "metadata.csv").is_file():
-        nova, ckpt = w / "nova", w / f"fold{nova_fold}" / "cond_ddpm" / "model.pt"
-        stages += [
-            Stage("nova_predict", bundle_command("nova_eval", ["inference.yaml", *extra], ids(
-                "nova_predict", dataset_dir=data, ckpt_path=ckpt, output_dir=nova, protocol=protocol, seed=seed,
-                predictions_file=nova / "predictions.json", **network)),
-                outputs=[nova / "predictions.json"], folder=nova,
-                description=f"NOVA boxes from the fold-{nova_fold} model's residuals"),
-            Stage("nova_metrics", bundle_command("nova_eval", ["evaluate.yaml"], ids(
-                "nova_metrics", dataset_dir=data, output_dir=nova, predictions_file=nova / "predictions.json",
-                metadata_file=data / "NOVA" / "metadata.csv", output_file=nova / "metrics.json")),
-                outputs=[nova / "metrics.json"], folder=nova / "metrics.json", description="NOVA localisation metrics"),
-        ]
+        ckpt = w / f"fold{nova_fold}" / "cond_ddpm" / "model.pt"
+        for p in scored:  # the published recipe and this project's localisation, from the same model
+            nova = w / "nova" / p
+            stages += [
+                Stage(f"nova_predict_{p}", bundle_command("nova_eval", ["inference.yaml", *extra], ids(
+                    f"nova_predict_{p}", dataset_dir=data, ckpt_path=ckpt, output_dir=nova, protocol=p, seed=seed,
+                    fold=nova_fold, cache_dir=w / "cache", predictions_file=nova / "predictions.json", **network)),
+                    outputs=[nova / "predictions.json"], folder=nova,
+                    description=f"NOVA boxes from the fold-{nova_fold} model's residuals, {p} protocol"),
+                Stage(f"nova_metrics_{p}", bundle_command("nova_eval", ["evaluate.yaml"], ids(
+                    f"nova_metrics_{p}", dataset_dir=data, output_dir=nova, predictions_file=nova / "predictions.json",
+                    metadata_file=data / "NOVA" / "metadata.csv", output_file=nova / "metrics.json")),
+                    outputs=[nova / "metrics.json"], folder=nova / "metrics.json",
+                    description=f"NOVA localisation metrics, {p} protocol"),
+            ]
     for p in scored:
         out = w / "table" / p
         runs = "[" + ",".join(str(w / f"fold{k}" / f"score_{p}") for k in folds) + "]"

@@ -15,7 +15,8 @@ import pytest
 from custom_components import demo as D
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["data", "encoder", "cond_ddpm", "maps", "score_model", "score_baseline", "nova_predict", "nova_metrics"]
+STAGES = ["data", "encoder", "cond_ddpm", "maps", "score_model", "score_baseline", "nova_predict", "nova_metrics",
+          "nova_predict_project", "nova_metrics_project"]
 
 
 def _args(command: list[str]) -> dict[str, str]:
@@ -48,7 +49,7 @@ def test_every_model_stage_is_a_bundle_run_with_tracking(tmp_path):
         assert args["tracking_uri"] == f"sqlite:///{tmp_path / 'w' / 'mlruns.db'}"
         if "channels" in args:
             channels.add(args["channels"])
-        if stage.name in ("encoder", "cond_ddpm", "maps", "nova_predict"):
+        if stage.name in ("encoder", "cond_ddpm", "maps", "nova_predict", "nova_predict_project"):
             assert args["seed"] == "3"
     by_name = {s.name: _args(s.command) for s in stages}
     # one network shape for training, evaluation and NOVA inference; one shared preprocessing cache
@@ -61,6 +62,10 @@ def test_every_model_stage_is_a_bundle_run_with_tracking(tmp_path):
     assert by_name["score_model"]["baseline"] == "false" and by_name["score_baseline"]["baseline"] == "true"
     assert "ckpt_path" not in by_name["score_model"] and "ckpt_path" not in by_name["score_baseline"]
     assert by_name["nova_metrics"]["predictions_file"] == by_name["nova_predict"]["predictions_file"]
+    # NOVA under both protocols from the same model; the project one calibrates on the shared cache
+    assert by_name["nova_predict"]["protocol"] == "reference" and by_name["nova_predict_project"]["protocol"] == "project"
+    assert by_name["nova_predict_project"]["ckpt_path"] == by_name["nova_predict"]["ckpt_path"]
+    assert by_name["nova_predict_project"]["cache_dir"] == by_name["maps"]["cache_dir"]
 
 
 class FakeRunner:
@@ -98,7 +103,7 @@ def test_done_stages_are_skipped_interrupted_ones_resume_force_reruns(tmp_path):
     (work / "eval" / "baseline" / "metrics.json").unlink()
     partial = FakeRunner()
     D.run_demo(work, size="tiny", runner=partial, report=False)
-    assert partial.calls == ["score_baseline", "nova_predict", "nova_metrics"]
+    assert partial.calls == STAGES[5:]
 
     # interrupted during cond_ddpm training: the next run continues it from its checkpoint
     D.run_demo(work, size="tiny", runner=FakeRunner(), report=False, force=True)
@@ -179,8 +184,9 @@ def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
         thresholds = summary["datasets"]["IXI"][kind]["fpr_thresholds"]
         assert len(thresholds) == 3 and all(_in_unit_range(t) for t in thresholds.values())
         assert _in_unit_range(summary["datasets"]["IXI"][kind]["l1"])  # IXI_test reconstruction error
-    reference = summary["nova"]["reference"]
-    assert all(_in_unit_range(float(reference[k])) for k in ("mAP@30", "mAP@50", "ACC@50"))
+    for key in ("nova", "nova_project"):
+        reference = summary[key]["reference"]
+        assert all(_in_unit_range(float(reference[k])) for k in ("mAP@30", "mAP@50", "ACC@50"))
     assert set(summary["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in summary["stages"].values())
     assert {"python", "torch", "monai"} <= set(summary["versions"])
     assert summary["networks"]["conditioning_encoder"] == "ResNet-18"

@@ -27,7 +27,8 @@ def test_plan_per_fold_then_nova_with_one_fold_then_the_tables(tmp_path):
     names = [s.name for s in stages]
     assert names == ["encoder_0", "cond_ddpm_0", "maps_0", "score_0_reference", "score_0_project",
                      "encoder_3", "cond_ddpm_3", "maps_3", "score_3_reference", "score_3_project",
-                     "nova_predict", "nova_metrics", "table_reference", "table_project"]
+                     "nova_predict_reference", "nova_metrics_reference", "nova_predict_project",
+                     "nova_metrics_project", "table_reference", "table_project"]
     by_name = {s.name: _args(s.command) for s in stages}
     for k in (0, 3):
         assert by_name[f"encoder_{k}"]["fold"] == by_name[f"cond_ddpm_{k}"]["fold"] == by_name[f"maps_{k}"]["fold"] == str(k)
@@ -44,7 +45,10 @@ def test_plan_per_fold_then_nova_with_one_fold_then_the_tables(tmp_path):
         assert all((REPO / f).is_file() for f in files)
         assert args["experiment_name"] == "reproduce" and args["run_name"] == stage.name
     # the published NOVA model is fold 3's
-    assert by_name["nova_predict"]["ckpt_path"] == by_name["cond_ddpm_3"]["output_dir"] + "/model.pt"
+    for p in ("reference", "project"):
+        nova = by_name[f"nova_predict_{p}"]
+        assert nova["ckpt_path"] == by_name["cond_ddpm_3"]["output_dir"] + "/model.pt" and nova["protocol"] == p
+        assert nova["fold"] == "3" and nova["cache_dir"] == by_name["maps_3"]["cache_dir"]  # healthy calibration
     table = stages[-2].command
     assert table[1:4] == ["-m", "custom_components", "summarize_folds"]
     assert _args(table)["runs"] == f"[{tmp_path}/w/fold0/score_reference,{tmp_path}/w/fold3/score_reference]"
@@ -63,7 +67,7 @@ def test_plan_checks_its_arguments(tmp_path):
     # paper size: five folds, nova from fold 3; tiny: two folds, nova from the last
     assert [s.name for s in R.plan(root, tmp_path / "w")].count("maps_4") == 1
     tiny = {s.name: _args(s.command) for s in R.plan(root, tmp_path / "w", size="tiny")}
-    assert "maps_2" not in tiny and "fold1" in tiny["nova_predict"]["ckpt_path"]
+    assert "maps_2" not in tiny and "fold1" in tiny["nova_predict_reference"]["ckpt_path"]
 
 
 def test_finished_stages_are_skipped_and_a_new_protocol_needs_force(tmp_path):
@@ -97,7 +101,8 @@ def test_tiny_reproduction_on_demo_data_writes_the_table(demo_root, tmp_path):
             assert len(entry["folds"]) == 2 and all(0 <= v <= 1 for v in entry["folds"])
         markdown = (work / "table" / protocol / "table.md").read_text()
         assert "53.37 ± 1.80" in markdown and "fold 1" in markdown
-    assert json.loads((work / "nova" / "metrics.json").read_text())["reference"]["GT@30"] > 0
+    for protocol in ("reference", "project"):
+        assert json.loads((work / "nova" / protocol / "metrics.json").read_text())["reference"]["GT@30"] > 0
     assert "BraTS21 Dice (%)" in result.stdout
     rerun = subprocess.run([sys.executable, "-m", "custom_components", "reproduce", "--data_root", str(demo_root),
                             "--workdir", str(work), "--size", "tiny"], cwd=REPO, env=env, capture_output=True,
