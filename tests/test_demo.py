@@ -166,6 +166,7 @@ def _in_unit_range(value) -> bool:
 
 
 @pytest.mark.demo
+@pytest.mark.slow
 def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
     work = tmp_path / "demo"
     first = _demo(work)
