@@ -62,7 +62,7 @@ def write_json_atomic(path, obj) -> str:
 
 
 def as_bool(value, name: str = "value") -> bool:
-    """A yes/no setting that may arrive as a string from the command line (``--save_maps true``)."""
+    """A yes/no setting that may arrive as a string from the command line (``--baseline true``)."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("true", "yes", "on", "1"):
