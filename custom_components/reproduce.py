@@ -49,14 +49,15 @@ def plan(data_root, workdir, folds=None, nova_fold: int | None = None, protocol:
     if not (data / "splits").is_dir():
         raise DemoError(f"{data} holds no splits/ folder: --data_root must be a data root in the documented layout "
                         "(python -m custom_components check_data --data_root DIR checks one).")
-    tiny = PROFILES["tiny"] if size == "tiny" else None
+    tiny = size == "tiny"
     extra = ["demo.yaml"] if tiny else []
+    profile = PROFILES["tiny"] if tiny else {}  # the tiny demo profile's overrides; none at paper size
     uri = tracking_uri or default_tracking_uri(w)
 
     def ids(stage: str, **more) -> dict:
         return {**more, "tracking": "mlflow", "tracking_uri": uri, "experiment_name": EXPERIMENT, "run_name": stage}
 
-    network = tiny["network"] if tiny else {}
+    network = profile.get("network", {})
     common = {"dataset_dir": data, "cache_dir": w / "cache", "seed": seed, "protocol": protocol}
     stages: list[Stage] = []
     for k in folds:
@@ -64,24 +65,24 @@ def plan(data_root, workdir, folds=None, nova_fold: int | None = None, protocol:
         encoder, ddpm, maps = f / "encoder", f / "cond_ddpm", f / "maps"
         stages += [
             Stage(f"encoder_{k}", bundle_command("contrastive_encoder", ["train.yaml", *extra], ids(
-                f"encoder_{k}", **common, fold=k, output_dir=encoder, **(tiny["encoder"] if tiny else {}))),
+                f"encoder_{k}", **common, fold=k, output_dir=encoder, **profile.get("encoder", {}))),
                 outputs=[encoder / "model.pt"], folder=encoder, resumable=True,
                 description=f"fold {k}: target-invariant encoder on IXI_train_fold{k}"),
             Stage(f"cond_ddpm_{k}", bundle_command("cond_ddpm", ["train.yaml", *extra], ids(
                 f"cond_ddpm_{k}", **common, fold=k, output_dir=ddpm, encoder_ckpt=encoder / "model.pt", **network,
-                **(tiny["cond_ddpm"] if tiny else {}))),
+                **profile.get("cond_ddpm", {}))),
                 outputs=[ddpm / "model.pt"], folder=ddpm, resumable=True,
                 description=f"fold {k}: conditional DDPM conditioned on that encoder"),
             Stage(f"maps_{k}", bundle_command("cond_ddpm", ["train.yaml", *extra, "evaluate.yaml"], ids(
                 f"maps_{k}", **common, fold=k, output_dir=maps, ckpt_path=ddpm / "model.pt", **network,
-                **(tiny["evaluate"] if tiny else {}))),
+                **profile.get("evaluate", {}))),
                 outputs=[maps / "maps.json"], folder=maps,
                 description=f"fold {k}: reconstructions and residuals of IXI, BraTS21 and MSLUB val and test"),
         ]
         for p in scored:
             out = f / f"score_{p}"
             stages.append(Stage(f"score_{k}_{p}", bundle_command("cond_ddpm", ["score.yaml"], ids(
-                f"score_{k}_{p}", maps_dir=maps, output_dir=out, protocol=p, **(tiny["score"] if tiny else {}))),
+                f"score_{k}_{p}", maps_dir=maps, output_dir=out, protocol=p, **profile.get("score", {}))),
                 outputs=[out / "metrics.json"], folder=out, description=f"fold {k}: the maps scored, {p} protocol"))
     if (data / "NOVA" / "metadata.csv").is_file():
         ckpt = w / f"fold{nova_fold}" / "cond_ddpm" / "model.pt"

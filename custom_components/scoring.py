@@ -194,8 +194,9 @@ def score_maps(
                 "maps": manifest.get("settings", {})}
 
     def volumes(split: str) -> Iterator[dict]:
-        for item in iter_maps(maps_dir, split, splits[split]["volumes"]):
-            if baseline:
+        kinds = ("image", "mask", "seg") if baseline else ("image", "reconstruction", "mask", "seg")
+        for item in iter_maps(maps_dir, split, splits[split]["volumes"], kinds):
+            if baseline:  # the reconstruction is not read: zero by definition
                 item["reconstruction"] = np.zeros_like(item["image"])
             elif clamp:
                 item["reconstruction"] = np.clip(item["reconstruction"], 0, 1)
