@@ -534,12 +534,7 @@ def _training_curves(tracker: Tracker | None, out: Path) -> Path | None:
     curves = {name: tracker.curves(name) for name in ("encoder", "cond_ddpm")}
     if not any(curves.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from custom_components.preview import save_figure
+    from custom_components.figures import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (name, series) in zip(axes, curves.items()):

@@ -424,12 +424,7 @@ class SaveAnomalyOutputsd(MapTransform):
         return d
 
     def _overlay(self, volume, anomaly, seg, brain, name: str, threshold=None) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from custom_components.preview import save_figure
+        from custom_components.figures import plt, save_figure
 
         area = seg.sum(axis=(0, 1))
         z = int(np.argmax(area)) if area.max() > 0 else int(np.argmax((anomaly * brain).sum(axis=(0, 1))))

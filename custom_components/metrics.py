@@ -3,8 +3,7 @@
 Volumes are numpy arrays (H, W, D) with the axial slices along the last axis. The residual map is
 masked with the brain mask eroded per slice, median filtered (3D, size 5), thresholded at a
 Dice-optimal threshold found on a validation split, cleaned of tiny 3D components, and scored.
-Everything is vectorised; the 3D median filter is a sorting network over whole arrays that gives
-exactly ``scipy.ndimage.median_filter`` (mode ``"reflect"``) several times faster.
+Everything is vectorised; the 3D median filter is ``median.median_of_padded`` (exactly scipy's, faster).
 
 Conventions shared by all functions:
 - a voxel is predicted anomalous when ``residual > threshold``, compared in the residual's own
@@ -17,14 +16,15 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from custom_components.median import median_of_padded
 
 SMALL_COMPONENT_SIZE = 7  # 3D components of at most this many voxels (filled) are removed
 DEFAULT_FPR_RATES = (0.01, 0.05, 0.10)
@@ -98,199 +98,6 @@ def erode_brain_mask(mask, iterations: int | None = None) -> np.ndarray:
     return ndi.binary_erosion(mask, structure=_CROSS_2D, iterations=iterations)
 
 
-# ----------------------------------------------------------------------------------------------
-# exact 3D median filter as a sorting network over whole arrays
-# ----------------------------------------------------------------------------------------------
-#
-# A k x k x k median is computed by merging sorted lists, each merge an odd-even merging network
-# of min/max operations applied to whole arrays at once. Sorted runs along z (k values), then
-# along y (k*k values), are built once per position and shared by every window that contains
-# them. Along x, two neighbouring outputs share their k-1 middle columns: that sorted core is
-# built once per pair of outputs (every second row), and each output then only selects its rank
-# from the core and its own extra column. Operations whose results do not reach the selected
-# rank are pruned. Min/max return one of their inputs, so the result is exactly the median that
-# scipy returns.
-
-
-class _Network:
-    """A program of whole-array ``min`` / ``max`` operations in single-assignment form."""
-
-    def __init__(self) -> None:
-        self.ops: list[tuple] = []
-
-    def add(self, *op) -> int:
-        self.ops.append(op)
-        return len(self.ops) - 1
-
-    def shifted(self, wires: Sequence[int], how: tuple) -> list[int]:
-        return [self.add("load", wire, how) for wire in wires]
-
-    def merge(self, a: Sequence[int], b: Sequence[int]) -> list[int]:
-        """Batcher's odd-even merge of two sorted wire lists (any lengths)."""
-        if not a or not b:
-            return list(a) + list(b)
-        if len(a) == 1 and len(b) == 1:
-            return [self.add("min", a[0], b[0]), self.add("max", a[0], b[0])]
-        even = self.merge(a[0::2], b[0::2])
-        odd = self.merge(a[1::2], b[1::2])
-        out, i = [even[0]], 0
-        while i + 1 < len(even) and i < len(odd):
-            out += [self.add("min", even[i + 1], odd[i]), self.add("max", even[i + 1], odd[i])]
-            i += 1
-        return out + even[i + 1 :] + odd[i:]
-
-    def select(self, a: Sequence[int], b: Sequence[int], rank: int) -> int:
-        """Element ``rank`` (0-based) of the union of sorted ``a`` and ``b``.
-
-        It is min over i + j = rank + 1 of max(a[i - 1], b[j - 1]), where a[-1] = b[-1] = -inf.
-        """
-        terms = []
-        for j in range(max(0, rank + 1 - len(a)), min(len(b), rank + 1) + 1):
-            i = rank + 1 - j
-            if i == 0:
-                terms.append(b[j - 1])
-            elif j == 0:
-                terms.append(a[i - 1])
-            else:
-                terms.append(self.add("max", a[i - 1], b[j - 1]))
-        out = terms[0]
-        for term in terms[1:]:
-            out = self.add("min", out, term)
-        return out
-
-
-def _split(length: int) -> int:
-    """Largest power of two below ``length``: runs are built from power-of-two halves."""
-    half = 1
-    while half * 2 < length:
-        half *= 2
-    return half
-
-
-@functools.lru_cache(maxsize=None)
-def _median_program(size: int) -> tuple[list, int, int]:
-    """The pruned network for an odd ``size``: (ops with the wires they free, even output, odd output)."""
-    net = _Network()
-    source = net.add("input")
-    runs: dict = {}
-
-    def flat_run(length: int, axis: str, base: list[int]) -> list[int]:
-        # sorted values of ``length`` consecutive positions along z or y
-        if (axis, length) not in runs:
-            if length == 1:
-                runs[axis, length] = base
-            else:
-                half = _split(length)
-                lower = flat_run(half, axis, base)
-                upper = net.shifted(flat_run(length - half, axis, base), ("flat", axis, half))
-                runs[axis, length] = net.merge(lower, upper)
-        return runs[axis, length]
-
-    columns = flat_run(size, "y", flat_run(size, "z", [source]))  # size**2 sorted wires
-    by_parity = {parity: net.shifted(columns, ("rows0", parity)) for parity in (0, 1)}
-
-    def row_run(length: int, parity: int) -> list[int]:
-        # sorted values of ``length`` consecutive x-rows starting at rows of the given parity
-        if ("x", length, parity) not in runs:
-            if length == 1:
-                runs["x", length, parity] = by_parity[parity]
-            else:
-                half = _split(length)
-                lower = row_run(half, parity)
-                upper = row_run(length - half, (parity + half) % 2)
-                upper = net.shifted(upper, ("rows", (parity + half) // 2))
-                runs["x", length, parity] = net.merge(lower, upper)
-        return runs["x", length, parity]
-
-    rank = size**3 // 2
-    core = row_run(size - 1, 1)  # rows 2t+1 .. 2t+size-1, shared by outputs 2t and 2t+1
-    even = net.select(core, by_parity[0], rank)  # extra row 2t
-    odd = net.select(core, net.shifted(by_parity[1], ("rows", (size - 1) // 2)), rank)  # extra row 2t+size
-
-    needed = {even, odd}
-    for index in range(len(net.ops) - 1, -1, -1):
-        if index in needed:
-            needed.update(arg for arg in net.ops[index][1:3] if isinstance(arg, int))
-    kept = sorted(needed)
-    last_use = {}
-    for index in kept:
-        for arg in net.ops[index][1:3]:
-            if isinstance(arg, int):
-                last_use[arg] = index
-    program = []
-    for index in kept:
-        op = net.ops[index]
-        freed = [arg for arg in set(op[1:3]) if isinstance(arg, int) and last_use[arg] == index]
-        program.append((index, op, freed))
-    return program, even, odd
-
-
-def _median_block(block: np.ndarray, size: int) -> np.ndarray:
-    """Median of every ``size``-cube of ``block`` (R, Yp, Zp), R = 2T + size - 1 -> (2T, Yp-size+1, Zp-size+1)."""
-    program, even, odd = _median_program(size)
-    rows, yp, zp = block.shape
-    pairs = (rows - size + 1) // 2
-    row_len, y_step = yp * zp, zp
-    flat = np.zeros(rows * row_len + (size - 1) * (y_step + 1), dtype=block.dtype)
-    flat[: rows * row_len] = block.reshape(-1)
-    values: dict[int, np.ndarray] = {}
-    for index, op, freed in program:
-        kind = op[0]
-        if kind == "input":
-            value = flat
-        elif kind == "load":
-            source, how = values[op[1]], op[2]
-            if how[0] == "flat":
-                value = source[how[2] * (1 if how[1] == "z" else y_step) :]
-            elif how[0] == "rows0":
-                value = source[: rows * row_len].reshape(rows, row_len)[how[1] :: 2]
-            else:
-                value = source[how[1] :]
-        else:
-            x, y = values[op[1]], values[op[2]]
-            n = min(len(x), len(y))
-            value = np.minimum(x[:n], y[:n]) if kind == "min" else np.maximum(x[:n], y[:n])
-        values[index] = value
-        for wire in freed:
-            del values[wire]
-    out = np.empty((pairs, 2, row_len), dtype=block.dtype)
-    out[:, 0] = values[even][:pairs]
-    out[:, 1] = values[odd][:pairs]
-    return out.reshape(2 * pairs, yp, zp)[:, : yp - size + 1, : zp - size + 1]
-
-
-def _median_of_padded(padded: np.ndarray, size: int, chunk_elements: int = 160_000) -> np.ndarray:
-    """Median filter of an array already padded by ``size // 2`` on every side (valid part only)."""
-    out_shape = tuple(n - size + 1 for n in padded.shape)
-    if size == 1:
-        return padded.copy()
-    out = np.empty(out_shape, dtype=padded.dtype)
-    row_len = padded.shape[1] * padded.shape[2]
-    chunk = max(2, 2 * ((chunk_elements // row_len) // 2))
-    for x0 in range(0, out_shape[0], chunk):
-        n = min(chunk, out_shape[0] - x0)
-        rows = 2 * ((n + 1) // 2) + size - 1
-        block = padded[x0 : x0 + rows]
-        if block.shape[0] < rows:  # odd tail: one extra row, its output is dropped
-            filler = np.zeros((rows - block.shape[0],) + block.shape[1:], dtype=block.dtype)
-            block = np.concatenate([block, filler])
-        out[x0 : x0 + n] = _median_block(np.ascontiguousarray(block), size)[:n]
-    return out
-
-
-def median_filter_3d(volume, size: int = 5) -> np.ndarray:
-    """Median over ``size``-cubes, equal to ``scipy.ndimage.median_filter(volume, size=size)``.
-
-    Same boundary handling as scipy's default (mode ``"reflect"``: d c b a | a b c d), same dtype.
-    ``size`` must be odd; values must be finite (NaN has no defined rank).
-    """
-    volume = _volume(volume, "median_filter_3d")
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"median_filter_3d: size must be a positive odd number, got {size}.")
-    half = size // 2
-    return _median_of_padded(np.pad(volume, half, mode="symmetric"), size)
-
-
 def postprocess_residual(residual, brain_mask, median_size: int = 5) -> np.ndarray:
     """Residual x eroded brain mask, then the 3D median filter; float32 (H, W, D).
 
@@ -316,7 +123,7 @@ def postprocess_residual(residual, brain_mask, median_size: int = 5) -> np.ndarr
         box.append(slice(max(present[0] - half, 0), min(present[-1] + 1 + half, masked.shape[axis])))
     padded = np.pad(masked, half, mode="symmetric")
     window = tuple(slice(s.start, s.stop + 2 * half) for s in box)  # box +- half, in padded coordinates
-    out[tuple(box)] = _median_of_padded(padded[window], median_size)
+    out[tuple(box)] = median_of_padded(padded[window], median_size)
     return out
 
 
@@ -368,11 +175,11 @@ def _bisection(x: np.ndarray, y: np.ndarray, steps: int) -> tuple[float, float]:
 
 
 def _positive_levels(pos_sorted: np.ndarray, neg_sorted: np.ndarray):
-    """Distinct positive values u (ascending) with #positives >= u, #negatives >= u and #positives == u."""
-    levels, first, counts = np.unique(pos_sorted, return_index=True, return_counts=True)
+    """Distinct positive values u (ascending) with #positives >= u and #negatives >= u."""
+    levels, first = np.unique(pos_sorted, return_index=True)
     tp = pos_sorted.size - first
     fp = neg_sorted.size - np.searchsorted(neg_sorted, levels, side="left")
-    return levels, tp, fp, counts
+    return levels, tp, fp
 
 
 def _best_cut(pos_sorted: np.ndarray, neg_sorted: np.ndarray, n_true: int) -> tuple[float, np.generic]:
@@ -381,7 +188,7 @@ def _best_cut(pos_sorted: np.ndarray, neg_sorted: np.ndarray, n_true: int) -> tu
     Lowering the cut below a positive value only adds false positives, so these cuts are all the
     candidates. Ties go to the highest cut (fewest predicted voxels).
     """
-    levels, tp, fp, _ = _positive_levels(pos_sorted, neg_sorted)
+    levels, tp, fp = _positive_levels(pos_sorted, neg_sorted)
     dice = 2.0 * tp / (tp + fp + n_true)
     best = levels.size - 1 - int(np.argmax(dice[::-1]))
     return float(dice[best]), levels[best]
@@ -473,7 +280,7 @@ def _exact(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     take = chosen[bins]
     values, labels = x[take], y[take]
     pos_sorted, neg_sorted = np.sort(values[labels]), np.sort(values[~labels])
-    levels, tp_taken, fp_taken, _ = _positive_levels(pos_sorted, neg_sorted)
+    levels, tp_taken, fp_taken = _positive_levels(pos_sorted, neg_sorted)
     level_bins = bin_of(levels)
     # voxels at >= u: all voxels in bins above u's bin, plus the taken ones of u's own bin
     taken_all_above = _suffix_sum(count_all * chosen) - count_all * chosen
@@ -532,37 +339,17 @@ def remove_small_components(binary, max_size: int = SMALL_COMPONENT_SIZE) -> np.
 # ----------------------------------------------------------------------------------------------
 
 
-def _rank_metrics(pos_sorted: np.ndarray, neg_sorted: np.ndarray) -> tuple[float, float]:
-    """(AUROC, average precision) from the sorted scores of positives and negatives.
-
-    AUROC is the Mann-Whitney statistic with ties counted 1/2, the same number as the trapezoidal
-    area under sklearn's ROC curve; AP is sklearn's step-wise ``average_precision_score``:
-    the sum over distinct positive scores u of (#positives == u / P) x precision at ``score >= u``.
-    """
-    n_pos, n_neg = pos_sorted.size, neg_sorted.size
-    if n_pos == 0:
-        return math.nan, math.nan
-    levels, tp, fp, counts = _positive_levels(pos_sorted, neg_sorted)
-    ap = float(np.sum(counts / n_pos * (tp / (tp + fp))))
-    if n_neg == 0:
-        return math.nan, ap
-    below = np.searchsorted(neg_sorted, levels, side="left")
-    ties = np.searchsorted(neg_sorted, levels, side="right") - below
-    auroc = float(np.sum(counts * (below + 0.5 * ties)) / (n_pos * n_neg))
-    return auroc, ap
-
-
 def auroc_auprc(scores, labels) -> tuple[float, float]:
-    """Area under the ROC curve and average precision of ``scores`` against ``labels > 0``.
-
-    Equal to sklearn's ``roc_auc_score`` / ``average_precision_score``; NaN where they are
-    undefined (AUROC without both classes, AP without positives).
-    """
+    """sklearn's ``roc_auc_score`` / ``average_precision_score`` of ``scores`` against ``labels > 0``; NaN where
+    they are undefined (AUROC without both classes, AP without positives) instead of an error or a warning."""
     scores = np.asarray(scores).ravel()
     labels = np.asarray(labels).ravel() > 0
     if scores.size != labels.size:
         raise ValueError(f"auroc_auprc: {scores.size} scores but {labels.size} labels.")
-    return _rank_metrics(np.sort(scores[labels]), np.sort(scores[~labels]))
+    if not labels.any():
+        return math.nan, math.nan
+    auprc = float(average_precision_score(labels, scores))
+    return (math.nan if labels.all() else float(roc_auc_score(labels, scores))), auprc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,7 +467,7 @@ def volume_metrics(
         best_threshold = _threshold_below(level, pos_sorted, neg_sorted)
     else:
         best_dice, best_threshold = find_best_threshold(values, labels, best_dice_method)
-    auroc, auprc = _rank_metrics(pos_sorted, neg_sorted)
+    auroc, auprc = auroc_auprc(values, labels)
 
     scores = slice_scores(residual, mask)
     slice_labels = seg.any(axis=(0, 1))
@@ -750,24 +537,10 @@ def thresholds_at_fpr(values, rates: Iterable[float] = DEFAULT_FPR_RATES) -> dic
 
 
 def summarize(rows: Sequence[Mapping]) -> dict:
-    """Mean and (population) std of every numeric metric over volumes, ignoring NaN.
+    """``{metric: {"mean", "std" (population), "n"}}`` of every numeric column of ``rows`` (one dict per volume),
+    ignoring NaN and infinite values; non-numeric columns (ids, paths) are left out."""
+    import pandas as pd
 
-    Returns ``{metric: {"mean": m, "std": s, "n": number of finite values}}`` in first-seen key
-    order; non-numeric entries (ids, paths) are skipped. Infinite values count as missing.
-    """
-    keys: list[str] = []
-    for row in rows:
-        for key, value in row.items():
-            if key not in keys and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                keys.append(key)
-    out = {}
-    for key in keys:
-        values = np.array(
-            [float(row[key]) for row in rows if isinstance(row.get(key), numbers.Real)], dtype=np.float64
-        )
-        values = values[np.isfinite(values)]
-        if values.size:
-            out[key] = {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
-        else:
-            out[key] = {"mean": math.nan, "std": math.nan, "n": 0}
-    return out
+    table = pd.DataFrame(list(rows)).select_dtypes("number").replace([np.inf, -np.inf], np.nan)
+    return {str(key): {"mean": float(column.mean()), "std": float(column.std(ddof=0)), "n": int(column.count())}
+            for key, column in table.items()}

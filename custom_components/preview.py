@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import nibabel as nib
+import numpy as np
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from custom_components.data import load_split  # noqa: E402
-from custom_components.utils import atomic_path  # noqa: E402
+from custom_components.data import load_split
+from custom_components.figures import plt, save_figure
 
 
 def _show_slice(volume: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -21,17 +15,6 @@ def _show_slice(volume: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray,
     if seg is not None and seg.any():
         z = int(np.argmax(seg.reshape(-1, seg.shape[2]).sum(0)))
     return np.rot90(volume[:, :, z]), None if seg is None else np.rot90(seg[:, :, z] > 0)
-
-
-def save_figure(fig, out) -> Path:
-    """Write a figure atomically (temp file + rename) and close it."""
-    out = Path(out)
-    try:
-        with atomic_path(out, out.suffix) as tmp:
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return out
 
 
 def preview(data_root, split: str = "Brats21_test", out: str = "preview.png", n: int = 12, mode: str = "t2",

@@ -134,12 +134,7 @@ class _Grid:
     def write(self, path: Path, title: str) -> None:
         if not self.heap:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from custom_components.preview import save_figure
+        from custom_components.figures import plt, save_figure
 
         entries = sorted(self.heap, reverse=True)
         fig, axes = plt.subplots(len(entries), len(GRID_COLUMNS), figsize=(2.0 * len(GRID_COLUMNS), 2.1 * len(entries)),

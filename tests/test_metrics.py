@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from custom_components import metrics as M
+from custom_components.median import median_filter_3d, median_of_padded
 
 
 def _brute_force_best_dice(x: np.ndarray, y: np.ndarray) -> float:
@@ -69,7 +70,7 @@ def test_median_filter_equals_scipy(size, shape):
     ties = rng.integers(0, 4, shape).astype(np.float64)  # many equal values
     sparse = np.where(rng.random(shape) < 0.6, 0.0, rng.random(shape)).astype(np.float32)
     for volume in (continuous, ties, sparse):
-        ours = M.median_filter_3d(volume, size)
+        ours = median_filter_3d(volume, size)
         assert ours.dtype == volume.dtype
         np.testing.assert_array_equal(ours, ndi.median_filter(volume, size=size))
 
@@ -80,13 +81,13 @@ def test_median_filter_in_chunks_of_rows_equals_scipy(chunk_elements):
     # every split has chunk borders and ends with an odd chunk
     volume = np.random.default_rng(7).random((11, 12, 10)).astype(np.float32)
     padded = np.pad(volume, 2, mode="symmetric")
-    ours = M._median_of_padded(padded, 5, chunk_elements=chunk_elements)
+    ours = median_of_padded(padded, 5, chunk_elements=chunk_elements)
     np.testing.assert_array_equal(ours, ndi.median_filter(volume, size=5))
 
 
 def test_median_filter_rejects_even_sizes():
     with pytest.raises(ValueError, match="odd"):
-        M.median_filter_3d(np.zeros((5, 5, 5)), 4)
+        median_filter_3d(np.zeros((5, 5, 5)), 4)
 
 
 def test_postprocess_equals_mask_then_scipy_median():
