@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from custom_components.nova import (
-    boxes_from_residual,
-    evaluate_nova,
-    load_nova_image,
-    parse_bbox,
-    read_nova_metadata,
-)
+from custom_components.nova_data import load_nova_image, parse_bbox, read_nova_metadata
+from custom_components.nova_inference import boxes_from_residual
+from custom_components.nova_metrics import evaluate_nova
 
 REPO = Path(__file__).resolve().parents[1]
 EPS = 1e-6  # the reference's precision denominator offset: a perfect image scores 1 / (1 + 1e-6)

@@ -12,7 +12,9 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from custom_components.networks.diffusion_unet import ConditionalDDPM
-from custom_components.nova import NovaBoxWriter, evaluate_nova_files, load_network_weights, nova_items
+from custom_components.nova_data import nova_items
+from custom_components.nova_inference import NovaBoxWriter
+from custom_components.nova_metrics import evaluate_nova_files
 from tests.conftest import REPO, run_bundle
 
 BUNDLE = "nova_eval"
@@ -46,7 +48,7 @@ def save_checkpoint(path, constant=None):
 def workflow(**overrides) -> ConfigWorkflow:
     return ConfigWorkflow(config_file=[str(CONFIGS / c) for c in DEMO], meta_file=str(CONFIGS / "metadata.json"),
                           logging_file=False, workflow_type="infer", bundle_root=str(REPO / "bundles" / BUNDLE),
-                          channels=list(TINY["channels"]), **overrides)
+                          **{"channels": list(TINY["channels"]), **overrides})
 
 
 def write_metadata(path, rows):
@@ -213,18 +215,26 @@ def test_paper_config_properties_and_network_ids(demo_root):
         assert len(wf.dataset) == sum("T2" in r["caption"] for r in csv.DictReader(f))
 
 
-def test_checkpoint_errors_name_the_file(tmp_path):
+def test_checkpoint_loader_of_the_config(tmp_path):
+    # cond_ddpm's model.pt (a plain state_dict) and its training checkpoints (the network under "model") load;
+    # a missing file or another architecture fails when the run starts
+    engine = SimpleNamespace(state=SimpleNamespace(max_epochs=None, epoch=0))
     ckpt = save_checkpoint(tmp_path / "tiny.pt")
+    training = tmp_path / "training.pt"
+    torch.save({"model": torch.load(ckpt, weights_only=True), "epoch": 3}, training)
+    for path in (ckpt, training):
+        wf = workflow(ckpt_path=str(path))
+        wf.initialize()
+        wf.parser.get_parsed_content("handlers#0")(engine)
+        assert torch.equal(wf.network.unet.conv_in.conv.weight, tiny_network().unet.conv_in.conv.weight)
+    wf = workflow(ckpt_path=str(tmp_path / "nowhere.pt"))
+    wf.initialize()
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        load_network_weights(tiny_network(), tmp_path / "nowhere.pt")
-    other = ConditionalDDPM(**{**TINY, "channels": (16, 32, 64)})
-    with pytest.raises(ValueError, match=r"tiny\.pt does not fit .*another shape.*demo\.yaml"):
-        load_network_weights(other, ckpt)
-    # a training checkpoint holding the weights under "network" loads too
-    wrapped = tmp_path / "resume.pt"
-    torch.save({"network": torch.load(ckpt, weights_only=True), "epoch": torch.tensor(3)}, wrapped)
-    net = load_network_weights(ConditionalDDPM(**TINY), wrapped)
-    assert torch.equal(net.unet.conv_in.conv.weight, tiny_network().unet.conv_in.conv.weight)
+        wf.parser.get_parsed_content("handlers#0")(engine)
+    wf = workflow(ckpt_path=ckpt, channels=[16, 32, 64])
+    wf.initialize()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wf.parser.get_parsed_content("handlers#0")(engine)
 
 
 def test_missing_image_and_bad_threshold(hand_made_root):

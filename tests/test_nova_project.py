@@ -8,7 +8,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from custom_components.metrics import erode_brain_mask
-from custom_components.nova import (
+from custom_components.nova_inference import (
     TRAINING_BRAIN_AREA,
     NovaBoxWriter,
     NovaTrainingFramed,
