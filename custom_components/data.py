@@ -7,16 +7,16 @@ The split CSVs list t1 paths relative to the data root (despite their leading ``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 from monai.data import PersistentDataset
-from monai.transforms import Compose
-
-from custom_components import transforms as T
+from monai.data.utils import json_hashing
+from monai.transforms import Compose, Transform
 
 SPLITS_DIR = "splits"
 AVAIL_T2 = "avail_t2.csv"
@@ -113,24 +113,34 @@ def load_split(data_root, name: str, mode: str = "t2") -> list[dict]:
     return read_split(csv_path, data_root, mode=mode)
 
 
-PREPROCESSING_VERSION = 1
+def transform_settings(obj):
+    """The settings of (a list of) transforms as plain data, nested transforms included; any other object (an
+    image reader, a function) by its class name and private flags left out, so run-time state never counts."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [transform_settings(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): transform_settings(v) for k, v in obj.items()}
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    if isinstance(obj, Transform):
+        public = {k: v for k, v in vars(obj).items() if not k.startswith("_") or isinstance(v, Transform)}
+        return {type(obj).__qualname__: transform_settings(public)}
+    return str(obj) if isinstance(obj, (type, torch.dtype, np.dtype)) else type(obj).__qualname__
 
 
-def preprocessing_key(smoothing: bool = True) -> str:
-    """A short hash of the preprocessing settings: cached volumes are only reused for the same settings."""
-    settings = {"version": PREPROCESSING_VERSION, "crop": T.CROP_SIZE, "size": T.VOLUME_SIZE,
-                "factor": T.RESAMPLE_FACTOR, "percentiles": (1, 99),
-                "curvature_flow": (0.125, 3) if smoothing else None}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def volume_dataset(items: list[dict], cache_dir, transform=None, smoothing: bool = True) -> PersistentDataset:
-    """Preprocessed (1, 96, 96, 50) volumes, computed once and cached on disk under
-    ``cache_dir/volumes-<settings hash>``; ``transform`` (random slicing, augmentation) runs after the cache."""
-    # a Compose counts as random for PersistentDataset, so wrapping ``transform`` in one stops the cache there
-    steps = [*T.preprocessing(smoothing=smoothing).flatten().transforms, *([Compose([transform])] if transform else [])]
+def volume_dataset(items: list[dict], cache_dir, preprocessing: Sequence, transform=None) -> PersistentDataset:
+    """The volumes of ``items`` through ``preprocessing`` (the deterministic transform list of a bundle's
+    ``common.yaml``), computed once and cached on disk in ``cache_dir`` under a name made of the item and the
+    transforms' settings, so other settings never reuse stale volumes; ``transform`` (slicing, augmentation) runs
+    after the cache."""
+    # a Compose counts as random for PersistentDataset, so wrapping ``transform`` in one stops the cache there;
+    # the cache names hash ``preprocessing`` alone (MONAI's own hash would look into that Compose)
+    steps = [*preprocessing, *([Compose([transform])] if transform else [])]
     data = [{k: v for k, v in item.items() if v is not None} for item in items]  # no seg/age: key left out
-    cache = Path(cache_dir) / f"volumes-{preprocessing_key(smoothing)}"
     # track_meta: cached volumes keep their MetaTensor affine like freshly computed ones (a batch never mixes
     # the two types); the cache holds only files this function wrote, hence weights_only=False
-    return PersistentDataset(data, transform=Compose(steps), cache_dir=cache, track_meta=True, weights_only=False)
+    return PersistentDataset(data, transform=Compose(steps), cache_dir=cache_dir,
+                             hash_transform=lambda _: json_hashing(transform_settings(preprocessing)),
+                             track_meta=True, weights_only=False)

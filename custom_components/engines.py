@@ -1,5 +1,5 @@
 """Engine helpers the bundle configs share: resuming an interrupted training run from its last checkpoint,
-and what ``--tracking mlflow`` records beyond MONAI's default handler (params, the best checkpoint)."""
+and what ``--tracking mlflow`` records beyond MONAI's default handler (params, the best checkpoint, results)."""
 
 from __future__ import annotations
 
@@ -73,17 +73,23 @@ def prepare_image_as_target(batchdata: dict, device=None, non_blocking: bool = F
 
 
 class BestModelState:
-    """The best-metric bookkeeping of a key-metric ``CheckpointSaver`` as ``state_dict``/``load_state_dict``,
-    so it travels in the resume checkpoint and a resumed run never replaces a better best model."""
+    """The best validation score as ``state_dict`` / ``load_state_dict``, so it travels in the resume checkpoint: on
+    load it restores the validator's ``best_metric`` and primes the key-metric ``CheckpointSaver`` (through its
+    public ``load_state_dict``, in ignite's ``Checkpoint`` state format), so a resumed run never replaces a better
+    ``model.pt``. ``negative_sign``: the saver ranks ``-metric`` (a loss), as its ``key_metric_negative_sign``."""
 
-    def __init__(self, saver):
-        self.saver = saver
+    def __init__(self, validator, saver, filename: str = "model.pt", negative_sign: bool = True):
+        self.validator, self.saver, self.filename, self.sign = validator, saver, filename, -1 if negative_sign else 1
 
     def state_dict(self) -> dict:
-        return self.saver._key_metric_checkpoint.state_dict()
+        return {"best_metric": float(self.validator.state.best_metric),
+                "best_metric_epoch": int(self.validator.state.best_metric_epoch)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.saver.load_state_dict(state_dict)
+        self.validator.state.best_metric = state_dict["best_metric"]
+        self.validator.state.best_metric_epoch = state_dict["best_metric_epoch"]
+        if state_dict["best_metric_epoch"] >= 0:  # a model.pt was written
+            self.saver.load_state_dict({"_saved": [(self.sign * state_dict["best_metric"], self.filename)]})
 
 
 class SaveVolumeEmbeddings:
@@ -108,65 +114,20 @@ class SaveVolumeEmbeddings:
 # ------------------------------------------------------------------------------------------------------
 # experiment tracking (``python -m monai.bundle run ... --tracking mlflow``)
 # ------------------------------------------------------------------------------------------------------
-def tracking_handler(engine: Engine) -> MLFlowHandler | None:
-    """The ``MLFlowHandler`` that ``--tracking mlflow`` attached to ``engine`` (None without tracking, and on
-    ranks other than 0, where MONAI disables it)."""
-    for handler, *_ in engine._event_handlers.get(Events.STARTED, []):
-        owner = getattr(handler, "__self__", None)
-        if isinstance(owner, MLFlowHandler):
-            return owner
-    return None
+def track(handlers: list, params: Mapping, artifacts=(), output_dir=None) -> list:
+    """``handlers`` with the ``MLFlowHandler`` that ``--tracking mlflow`` appended to them (if any) set to log
+    ``params`` when its run opens and the ``artifacts`` that exist (files or folders) when the engine completes.
 
-
-class MLflowRunDetails:
-    """Completes the MLflow run of ``--tracking mlflow``: the workflow's settings as params (once the run is
-    open) and, when the engine completes, the best checkpoint as an artefact with its path as the tag
-    ``best_checkpoint``, and the ``artifacts`` (files or glob patterns: metrics, tables, figures) that exist.
-    Does nothing when tracking is off. Params already in the run (a resumed run) are kept.
-
-    ``output_dir``: where MONAI wrote the executed config (``config_<time>.json``); logged here when MONAI's
-    handler cannot find it, which happens when ``--output_dir`` is a plain path rather than an expression."""
-
-    def __init__(self, params: Mapping, checkpoint=None, artifacts=(), output_dir=None):
-        self.params, self.checkpoint, self.output_dir = dict(params), checkpoint, output_dir
-        self.artifacts = [str(a) for a in artifacts]
-        self._logged = False
-
-    def attach(self, engine: Engine) -> None:
-        # MONAI appends its tracking handler after the config's handlers: its run opens at STARTED, before this
-        engine.add_event_handler(Events.ITERATION_STARTED, self.log_params)
-        engine.add_event_handler(Events.COMPLETED, self.log_files)
-
-    def log_params(self, engine: Engine) -> None:
-        tracker = None if self._logged else tracking_handler(engine)
-        self._logged = True
-        if tracker is None or tracker.cur_run is None:
-            return
-        from mlflow.entities import Param
-
-        run_id = tracker.cur_run.info.run_id
-        existing = tracker.client.get_run(run_id).data.params
-        params = [Param(key, str(value)[:6000]) for key, value in self.params.items() if key not in existing]
-        if params:
-            tracker.client.log_batch(run_id, params=params)
-
-    def log_files(self, engine: Engine) -> None:
-        tracker = tracking_handler(engine)
-        if tracker is None or tracker.cur_run is None:
-            return
-        run_id = tracker.cur_run.info.run_id
-        if self.checkpoint and Path(self.checkpoint).is_file():
-            path = Path(self.checkpoint).absolute()
-            tracker.client.set_tag(run_id, "best_checkpoint", str(path))
-            tracker.client.log_artifact(run_id, str(path), artifact_path="checkpoint")
-        for pattern in self.artifacts:
-            for path in sorted(glob.glob(pattern)):
-                if Path(path).is_file():
-                    tracker.client.log_artifact(run_id, path)
-        found = any(a and Path(a).exists() for a in (tracker.artifacts or ()))
-        configs = sorted(Path(self.output_dir).glob("config_*.json")) if self.output_dir and not found else []
-        if configs:
-            tracker.client.log_artifact(run_id, str(configs[-1]))
+    ``output_dir``: where MONAI wrote the executed config (``config_<time>.json``); added to the artifacts when
+    MONAI's own path to it is no file, which happens when ``--output_dir`` is a plain path, not an expression."""
+    for handler in handlers or []:
+        if isinstance(handler, MLFlowHandler):
+            configs = sorted(glob.glob(str(Path(output_dir) / "config_*.json"))) if output_dir else []
+            if any(a and Path(a).is_file() for a in handler.artifacts):
+                configs = []
+            handler.experiment_param = {**(handler.experiment_param or {}), **params}
+            handler.artifacts = (*(a for a in handler.artifacts if a), *map(str, artifacts), *configs[-1:])
+    return handlers
 
 
 class MetricsEngine(Engine):

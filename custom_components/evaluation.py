@@ -1,7 +1,7 @@
 """The expensive half of the BraTS21 / MSLUB / IXI evaluation: reconstruct every volume once and save the maps.
 
-* ``VolumeReconstructionInferer``: all axial slices of a [0, 1] volume as one batch through a [-1, 1]
-  slice inferer (``ReconstructionInferer``), back to the [0, 1] scale; ``reconstruction="none"`` gives an
+* ``VolumeReconstructionInferer``: MONAI's ``SliceInferer`` with all axial slices of a [0, 1] volume as one batch
+  through a [-1, 1] slice inferer (``ReconstructionInferer``), back to the [0, 1] scale; ``reconstruction="none"`` gives an
   all-zero reconstruction, i.e. residual = intensity (the intensity baseline of ``inference.yaml``).
 * ``evaluation_dataset``: the preprocessed volumes of the given splits, tagged with split and data set.
 * ``SaveMaps``: the engine handler that writes, per volume, the input, its reconstruction, the raw residual,
@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SliceInferer
+from monai.utils import convert_to_tensor
 from torch.utils.data import ConcatDataset
 
-from custom_components.utils import atomic_path, check_choice, json_safe, write_json_atomic
+from custom_components.utils import (atomic_path, check_choice, from_diffusion_range, json_safe, to_diffusion_range,
+                                     write_json_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,9 @@ def checkpoint_path(path, reconstruction: str = "ddpm") -> str | None:
     if check_choice("reconstruction", reconstruction, RECONSTRUCTIONS, lower=True) == "none":
         return None
     if path is None or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"cond_ddpm checkpoint {path} does not exist: train the model first (train.yaml writes "
-            "models/model.pt) or pass --ckpt_path PATH."
-        )
+        problem = "no cond_ddpm checkpoint given" if path is None else f"cond_ddpm checkpoint {path} does not exist"
+        raise FileNotFoundError(f"{problem}: train the model first (cond_ddpm's train.yaml writes models/model.pt) "
+                                "and pass --ckpt_path PATH.")
     return str(path)
 
 
@@ -75,18 +75,15 @@ def checkpoint_path(path, reconstruction: str = "ddpm") -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-class VolumeReconstructionInferer(Inferer):
-    """Reconstruct (N, 1, H, W, D) volumes in [0, 1]: the N*D axial slices form the batch of a slice inferer.
-
-    The slice inferer (``ReconstructionInferer``) works in the diffusion range [-1, 1]: slices are scaled
-    ``2x - 1`` on the way in and ``(y + 1) / 2`` on the way out (clipped to [0, 1] when ``clamp``; the maps of
-    the evaluation keep the raw prediction, and the protocol decides), returned as float32.
-    ``reconstruction="none"`` returns zeros without calling the network: the residual is then the
-    intensity itself (the intensity baseline).
-    """
+class VolumeReconstructionInferer(SliceInferer):
+    """Reconstruct (N, 1, H, W, D) volumes in [0, 1]: MONAI's ``SliceInferer`` hands the D axial slices of each
+    volume as one batch to a [-1, 1] slice inferer (``ReconstructionInferer``), between ``to_diffusion_range`` and
+    ``from_diffusion_range``; float32, clipped to [0, 1] when ``clamp`` (the evaluation's maps keep the raw
+    prediction: the protocol decides). ``reconstruction="none"`` returns zeros without calling the network: the
+    residual is then the intensity itself (the intensity baseline)."""
 
     def __init__(self, slice_inferer: Inferer | None = None, reconstruction: str = "ddpm", clamp: bool = True) -> None:
-        super().__init__()
+        super().__init__(spatial_dim=2, roi_size=(-1, -1), mode="constant")  # whole slices, each once
         self.reconstruction = check_choice("reconstruction", reconstruction, RECONSTRUCTIONS, lower=True)
         if self.reconstruction != "none" and slice_inferer is None:
             raise ValueError("VolumeReconstructionInferer needs a slice_inferer unless reconstruction is 'none'.")
@@ -99,16 +96,17 @@ class VolumeReconstructionInferer(Inferer):
             raise ValueError(
                 f"VolumeReconstructionInferer expects (N, C, H, W, D) volumes, got shape {tuple(inputs.shape)}."
             )
-        volumes = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        volumes = volumes.float()  # a plain tensor: slice batches carry no volume metadata
+        volumes = convert_to_tensor(inputs, dtype=torch.float32, track_meta=False)  # slices carry no volume meta
         if self.reconstruction == "none":
             return torch.zeros_like(volumes)
-        n, c, h, w, d = volumes.shape
-        slices = volumes.permute(0, 4, 1, 2, 3).reshape(n * d, c, h, w)
-        recon = (self.slice_inferer(slices * 2 - 1, network, *args, **kwargs).float() + 1) / 2
-        if self.clamp:
-            recon = recon.clamp(0, 1)
-        return recon.reshape(n, d, c, h, w).permute(0, 2, 3, 4, 1).contiguous()
+
+        def reconstruct(slices: torch.Tensor) -> torch.Tensor:
+            recon = self.slice_inferer(to_diffusion_range(slices), network, *args, **kwargs).float()
+            recon = from_diffusion_range(recon)
+            return recon.clamp(0, 1) if self.clamp else recon
+
+        self.sw_batch_size = volumes.shape[-1]  # one network batch per volume: its D slices, in order
+        return super().__call__(volumes, reconstruct)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,9 +129,10 @@ def split_dataset(split: str) -> str:
     return str(split).split("_")[0]
 
 
-def evaluation_dataset(dataset_dir, cache_dir, splits: Sequence[str], mode: str = "t2", transform=None) -> ConcatDataset:
-    """The preprocessed volumes of ``splits`` in order, each sample with ``image``, ``mask``, ``seg`` (lesion
-    sets), ``name``, ``split`` and ``dataset``; from (and into) the same cache as training (``volume_dataset``)."""
+def evaluation_dataset(dataset_dir, cache_dir, splits: Sequence[str], preprocessing: Sequence, mode: str = "t2",
+                       transform=None) -> ConcatDataset:
+    """The volumes of ``splits`` in order through the cached ``preprocessing``, each sample with ``image``, ``mask``,
+    ``seg`` (lesion sets), ``name``, ``split`` and ``dataset``; the same cache as training (``volume_dataset``)."""
     from monai.transforms import Compose
 
     from custom_components.data import load_split, volume_dataset
@@ -147,7 +146,7 @@ def evaluation_dataset(dataset_dir, cache_dir, splits: Sequence[str], mode: str 
         if not items:
             raise ValueError(f"Split {split} of {dataset_dir} lists no volumes.")
         steps = [TagSplit(split)] + ([transform] if transform is not None else [])
-        parts.append(volume_dataset(items, cache_dir, transform=Compose(steps)))
+        parts.append(volume_dataset(items, cache_dir, preprocessing, transform=Compose(steps)))
     return ConcatDataset(parts)
 
 

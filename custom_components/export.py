@@ -41,9 +41,11 @@ MODEL_FILE = re.compile(r"^model.*\.(pt|ts)$")
 # a bare mention in prose (`python -m custom_components demo`) is left alone.
 _REFERENCE = re.compile(rf"\b{PACKAGE}(?=\.[A-Za-z_])|(?<=import ){PACKAGE}\b|(?<=from ){PACKAGE}\b")
 _DOTTED = re.compile(rf"\b{PACKAGE}(?:\.[A-Za-z_]\w*)*")
-_COMMENT = re.compile(r"\s+#")  # a YAML comment (ids use `#` without a space)
-# `@bundle_root + '/../other_bundle/...'`: a file of a sibling bundle, which an exported bundle does not have
-_SIBLING = re.compile(r"(@bundle_root\s*\+\s*['\"])/\.\./[\w.-]+/")
+# the ids the other configs of a bundle merge; apps (MONAI Label) and the model zoo's checks read inference.yaml
+# alone, so the export writes those ids into it
+COMMON = "common.yaml"
+STANDALONE = ("inference.yaml",)
+_TOP_LEVEL_KEY = re.compile(r"([^\s#\-][^:]*):")
 
 # How MONAI's export tools apply to each bundle's network (checked with MONAI 1.6.1 / torch 2.13), for docs/EXPORT.md.
 _ENCODER_CHECKS = """`network_def` (the ResNet backbone) takes one image and can be scripted, so MONAI's command-line tools
@@ -271,23 +273,32 @@ def defer_initialize(text: str, path: Path) -> str:
     return new_text
 
 
-def export_config(text: str, path: Path, bundle: str) -> tuple[str, list[str]]:
-    """The exported form of one config file's text, and notes on what changed beyond the renaming."""
-    notes = []
+def inline_common(common: str, text: str, path: Path) -> str:
+    """``text`` of a YAML config preceded by the ids of ``common.yaml`` it does not set itself: the file then holds
+    what the two merged give (an id of ``text`` wins), for readers of that one file. Checked by parsing again."""
+    own = _load_config(text, path)
+    kept, skip = [], False
+    for line in common.splitlines(keepends=True):
+        key = _TOP_LEVEL_KEY.match(line)
+        if key:
+            skip = key.group(1) in own
+        if not skip:
+            kept.append(line)
+    new = "".join(kept).rstrip("\n") + f"\n\n# ---- {path.name}: the ids of this config (over those of {COMMON} above)\n" + text
+    if _load_config(new, path) != {**_load_config(common, path), **own}:
+        raise ExportError(f"{path}: writing the ids of {COMMON} into it changed the config unexpectedly")
+    return new
+
+
+def export_config(text: str, path: Path, bundle: str) -> str:
+    """The exported form of one config file's text."""
     new = _rewrite_paths(rewrite_references(text), bundle)
-    lines = new.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if _SIBLING.search(line):
-            lines[i] = _SIBLING.sub(r"\1/", line)
-            before, after = (_COMMENT.split(s)[0].strip() for s in (line, lines[i]))
-            notes.append(f"{path.name}: a sibling bundle's file, `{before}`, became this bundle's: `{after}`")
-    new = "".join(lines)
     if path.suffix in CONFIG_SUFFIXES:
         new = defer_initialize(new, path)
         left = [s for s in config_strings(_load_config(new, path)) if _REFERENCE.search(s)]
         if left:
             raise ExportError(f"{path}: references to {PACKAGE} left after rewriting: {left[:3]}")
-    return new, notes
+    return new
 
 
 def set_ids(text: str, path: Path, values: dict) -> str:
@@ -407,12 +418,19 @@ def export_bundle(bundle: str, out: str | os.PathLike, models: str | os.PathLike
     try:
         configs, parsed, notes = [], [], []
         (staging / "configs").mkdir()
+        common = source / "configs" / COMMON
         for path in sorted(p for p in (source / "configs").iterdir() if p.is_file()):
             text = path.read_text(encoding="utf-8")
+            if path.name in STANDALONE and common.is_file():
+                text = inline_common(common.read_text(encoding="utf-8"), text, path)
+                notes.append(f"{path.name}: holds the ids of {COMMON} as well, for apps that read it alone")
             if path.suffix in CONFIG_SUFFIXES:
-                parsed.append(_load_config(text, path))
-                text, config_notes = export_config(text, path, bundle)
-                notes += config_notes
+                config = _load_config(text, path)
+                parsed.append(config)
+                text = export_config(text, path, bundle)
+                if model_files and isinstance(config, dict) and "ckpt_path" in config and config["ckpt_path"] is None:
+                    text = set_ids(text, path, {"ckpt_path": "$@bundle_root + '/models/model.pt'"})
+                    notes.append(f"{path.name}: ckpt_path is this bundle's models/model.pt")
                 text = set_ids(text, path, set_values)
             (staging / "configs" / path.name).write_text(text, encoding="utf-8")
             configs.append(path.name)

@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDPMScheduler, Scheduler
+from monai.transforms import DivisiblePad
 
 from .noise import NOISE_TYPES, make_noise
 from .utils import check_choice
@@ -78,8 +79,8 @@ class ReconstructionInferer(Inferer):
     For each ``t`` in ``timesteps`` the input (B, C, H, W) in [-1, 1] is noised to step ``t`` with fresh
     noise (``scheduler.add_noise``) and the network predicts x0 in one call with the clean input as
     ``context`` (a network with an ``encode`` method, like ``ConditionalDDPM``, encodes it once and gets
-    ``cond=`` as well). Any H, W works: the input is padded (replicating its border) to a multiple of the
-    network's ``size_divisor`` (or ``divisible_by``) and the predictions are cropped back.
+    ``cond=`` as well). Any H, W works: MONAI's ``DivisiblePad`` pads the input (replicating its border) to a
+    multiple of the network's ``size_divisor`` (or ``divisible_by``) and its inverse crops the predictions back.
 
     Args:
         scheduler: the diffusion scheduler (e.g. ``ddpm_scheduler()``).
@@ -117,19 +118,6 @@ class ReconstructionInferer(Inferer):
         self.generator = generator
         self.shared_noise = bool(shared_noise)
 
-    def _pad(self, inputs: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        h, w = inputs.shape[-2:]
-        ph, pw = (-h) % k, (-w) % k
-        if ph == 0 and pw == 0:
-            return inputs, (h, w)
-        return F.pad(inputs, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate"), (h, w)
-
-    @staticmethod
-    def _crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        h, w = size
-        top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-        return x[..., top : top + h, left : left + w]
-
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -137,7 +125,12 @@ class ReconstructionInferer(Inferer):
             raise ValueError(f"ReconstructionInferer expects (B, C, H, W) slices, got shape {tuple(inputs.shape)}.")
         module = getattr(network, "module", network)  # look through DataParallel / DistributedDataParallel
         k = self.divisible_by or int(getattr(module, "size_divisor", 1))
-        padded, size = self._pad(inputs, k)
+        # (B, C, H, W) read as one channel-first volume: H and W padded symmetrically, the batch axis left alone;
+        # the pad is recorded on the MetaTensor for its inverse, the network sees plain tensors
+        padder = DivisiblePad((1, k, k), mode="replicate")
+        padded = MetaTensor(inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs)
+        padded = padder(padded)
+        padding, padded = list(padded.applied_operations), padded.as_tensor()
         encode = getattr(module, "encode", None)
         if callable(encode) and "cond" not in kwargs:
             kwargs["cond"] = encode(inputs)  # the condition does not depend on t: encode the slices once
@@ -147,6 +140,6 @@ class ReconstructionInferer(Inferer):
             noise = make_noise(padded, self.noise_type, generator=self.generator, shared=self.shared_noise)
             noisy = self.scheduler.add_noise(original_samples=padded, noise=noise, timesteps=index)
             pred = network(noisy, index, *args, context=inputs, **kwargs)
-            members.append(self._crop(pred, size))
+            members.append(padder.inverse(MetaTensor(pred, applied_operations=list(padding))).as_tensor())
         recon = torch.stack(members).mean(0)
         return (recon, members) if self.return_members else recon

@@ -1,9 +1,7 @@
-"""MONAI dictionary transforms for the volume preprocessing and the 2D slice sampling.
+"""The dictionary transforms MONAI lacks, for the preprocessing and slice sampling the bundle configs list.
 
-Per volume, once (cacheable): ITK curvature-flow smoothing -> crop/pad to 192x192x100 -> 1st-99th
-percentile rescale to [0, 1] inside the brain mask -> resample by 2 (B-spline images, nearest masks)
--> 96x96x50. Per training sample: one random axial slice (with brain, or any of the 50), with intensity
-augmentation of the 3D volume before slicing (reference) or of the 2D slice after it (``intensity_augmentation``).
+ITK curvature-flow smoothing, percentile rescale inside the brain mask, random / all axial slices, and torchio's
+ghosting and gamma augmentations; each pipeline itself is a transform list in a bundle's ``common.yaml``.
 """
 
 from __future__ import annotations
@@ -15,26 +13,11 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (
-    CenterSpatialCrop,
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-    RandAdjustContrastd,
-    RandBiasFieldd,
-    RandGaussianSmoothd,
-    Randomizable,
-    ResizeWithPadOrCropd,
-    Spacingd,
-)
+from monai.transforms import CenterSpatialCrop, MapTransform, Randomizable
 
 from .utils import check_choice
 
-CROP_SIZE = (192, 192, 100)
-VOLUME_SIZE = (96, 96, 50)
-RESAMPLE_FACTOR = 2.0
+CROP_SIZE = (192, 192, 100)  # the crop of the preprocessing (common.yaml's crop_size), for input checks
 
 
 class CurvatureFlowd(MapTransform):
@@ -89,57 +72,6 @@ class MaskedPercentileRescaled(MapTransform):
             inside = img[brain] if brain.any() else img.flatten()
             lo, hi = torch.quantile(inside.float(), torch.tensor([self.lower / 100, self.upper / 100])).tolist()
             d[key] = ((img - lo) / max(hi - lo, 1e-8)).clamp(0, 1)
-        return d
-
-
-class ClipIntensityd(MapTransform):
-    """Clip intensities to [lo, hi] (B-spline resampling overshoots slightly at edges)."""
-
-    def __init__(self, keys: KeysCollection, lo: float = 0.0, hi: float = 1.0, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.lo, self.hi = lo, hi
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = d[key].clamp(self.lo, self.hi)
-        return d
-
-
-def preprocessing(image_key: str = "image", mask_key: str = "mask", seg_key: str = "seg",
-                  smoothing: bool = True) -> Compose:
-    """The deterministic per-volume pipeline (cached): NIfTI paths -> (1, 96, 96, 50) float volumes in [0, 1].
-
-    ``seg`` may be absent (healthy volumes). Masks and segmentations are binarised and resampled nearest.
-    """
-    all_keys = [image_key, mask_key, seg_key]
-    label_keys = [mask_key, seg_key]
-    transforms = [
-        LoadImaged(all_keys, image_only=True, allow_missing_keys=True),
-        EnsureChannelFirstd(all_keys, allow_missing_keys=True),
-        EnsureTyped(all_keys, dtype=torch.float32, allow_missing_keys=True),
-    ]
-    if smoothing:
-        transforms.append(CurvatureFlowd(image_key, roi_size=CROP_SIZE))
-    transforms += [
-        ResizeWithPadOrCropd(all_keys, spatial_size=CROP_SIZE, mode="constant", allow_missing_keys=True),
-        MaskedPercentileRescaled(image_key, mask_key=mask_key),
-        Spacingd(image_key, pixdim=RESAMPLE_FACTOR, mode=3, padding_mode="zeros"),
-        Spacingd(label_keys, pixdim=RESAMPLE_FACTOR, mode="nearest", padding_mode="zeros", allow_missing_keys=True),
-        ClipIntensityd(image_key),
-        ResizeWithPadOrCropd(all_keys, spatial_size=VOLUME_SIZE, mode="constant", allow_missing_keys=True),
-        BinarizeLabelsd(label_keys, allow_missing_keys=True),
-    ]
-    return Compose(transforms)
-
-
-class BinarizeLabelsd(MapTransform):
-    """Masks and segmentations as {0, 1} floats (BraTS labels 1, 2, 4 all count as anomaly)."""
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = (d[key] > 0).to(torch.float32)
         return d
 
 
@@ -233,17 +165,6 @@ class RandGammad(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key].sign() * d[key].abs() ** gamma
         return d
-
-
-def intensity_augmentation(image_key: str = "image") -> Compose:
-    """cDDPM's training augmentation: random gamma (p .5), bias field (p .25), blur (p .25), ghosting (p .5)."""
-    return Compose([
-        RandAdjustContrastd(image_key, prob=0.5, gamma=(0.74, 1.35)),
-        RandBiasFieldd(image_key, prob=0.25, coeff_range=(0.0, 0.3), degree=3),
-        RandGaussianSmoothd(image_key, prob=0.25, sigma_x=(0.0, 1.0), sigma_y=(0.0, 1.0)),
-        RandGhostingd(image_key, prob=0.5),
-        ClipIntensityd(image_key),
-    ])
 
 
 class AxialSlicesd(MapTransform):

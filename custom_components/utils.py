@@ -1,5 +1,5 @@
 """Small helpers the bundles share: atomic file writes (a reader never sees half a file), yes/no flags, choice
-checks and MLflow-safe metric names."""
+checks, MLflow-safe metric names and the intensity-range convention."""
 
 from __future__ import annotations
 
@@ -85,3 +85,15 @@ def check_choice(name: str, value, choices: tuple, lower: bool = False) -> str:
 def mlflow_metric_name(key: str) -> str:
     """A metric name MLflow accepts: ``mAP@50:95`` -> ``mAP_50-95``, ``fpr5%/dice`` -> ``fpr5pct/dice``."""
     return key.replace("@", "_").replace(":", "-").replace("%", "pct")
+
+
+# The intensity-range convention, its one home: data (volumes, slices, residuals) live in [0, 1]; the diffusion
+# model (noise, network input and output) works in [-1, 1].
+def to_diffusion_range(x):
+    """[0, 1] intensities -> the diffusion model's [-1, 1]."""
+    return x * 2 - 1
+
+
+def from_diffusion_range(y):
+    """The diffusion model's [-1, 1] -> [0, 1] intensities (no clipping)."""
+    return (y + 1) / 2

@@ -11,7 +11,7 @@ from custom_components.networks.diffusion_unet import ConditionalDDPM
 from tests.conftest import REPO, run_bundle
 
 BUNDLE = "cond_ddpm"
-DEMO = ["train.yaml", "demo.yaml"]
+DEMO = ["common.yaml", "train.yaml", "demo.yaml"]
 TINY = ["--channels", "[8,16,16]", "--slices_per_volume", "8", "--batch_size", "16", "--learning_rate", "0.002",
         "--num_workers", "0"]
 

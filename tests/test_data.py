@@ -1,15 +1,19 @@
 """Split reading on CSVs in the exact distributed formats, and the cached preprocessing pipeline."""
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImaged, ResizeWithPadOrCropd, ScaleIntensityRanged
 
 from custom_components import transforms as T
-from custom_components.data import DataError, load_split, read_split, volume_dataset
+from custom_components.data import DataError, load_split, read_split, transform_settings, volume_dataset
+from tests.conftest import REPO
 
 IXI_HEADER = (',img_name,"SEX_ID (1=m, 2=f)",HEIGHT,WEIGHT,ETHNIC_ID,MARITAL_ID,OCCUPATION_ID,QUALIFICATION_ID,'
               'DATE_AVAILABLE,STUDY_DATE,age,label,img_path,mask_path,seg_path,Agegroup')
@@ -113,8 +117,26 @@ def volume(tmp_path):
     return paths
 
 
-def test_preprocessing_shape_range_alignment(volume):
-    out = T.preprocessing()(volume)
+def _config(bundle: str, id: str, *configs: str):
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / bundle / "configs" / c) for c in ("common.yaml", *configs)])
+    return parser.get_parsed_content(id)
+
+
+@pytest.fixture
+def preprocessing():
+    """The volume preprocessing as the cond_ddpm configs list it."""
+    return _config("cond_ddpm", "volume_preprocessing")
+
+
+def test_bundles_share_one_preprocessing():
+    encoder, ddpm = (json.dumps(transform_settings(_config(b, "volume_preprocessing")))  # NaN settings compare as text
+                     for b in ("contrastive_encoder", "cond_ddpm"))
+    assert encoder == ddpm
+
+
+def test_preprocessing_shape_range_alignment(volume, preprocessing):
+    out = Compose(preprocessing)(volume)
     for key in ("image", "mask", "seg"):
         assert out[key].shape == (1, 96, 96, 50)
     image, mask, seg = out["image"], out["mask"], out["seg"]
@@ -130,17 +152,17 @@ def test_preprocessing_shape_range_alignment(volume):
 
 
 def test_curvature_flow_crop_matches_full_volume(volume):
-    data = T.LoadImaged("image", image_only=True, ensure_channel_first=True)({"image": volume["image"]})
-    crop = T.ResizeWithPadOrCropd("image", spatial_size=(120, 120, 60))
+    data = LoadImaged("image", image_only=True, ensure_channel_first=True)({"image": volume["image"]})
+    crop = ResizeWithPadOrCropd("image", spatial_size=(120, 120, 60))
     full = crop(T.CurvatureFlowd("image")(data))["image"]
     fast = crop(T.CurvatureFlowd("image", roi_size=(120, 120, 60))(data))["image"]
     assert torch.equal(full, fast)
     assert not torch.equal(full, crop(data)["image"])  # it does smooth
 
 
-def test_cache_reused_on_second_pass(volume, tmp_path, monkeypatch):
+def test_cache_reused_on_second_pass(volume, tmp_path, monkeypatch, preprocessing):
     items = [{**volume, "name": "v", "label": 1}]
-    first = volume_dataset(items, tmp_path / "cache")[0]
+    first = volume_dataset(items, tmp_path / "cache", preprocessing)[0]
     cached = list((tmp_path / "cache").rglob("*.pt"))
     assert len(cached) == 1
 
@@ -148,28 +170,32 @@ def test_cache_reused_on_second_pass(volume, tmp_path, monkeypatch):
         raise AssertionError("preprocessing ran again")
 
     monkeypatch.setattr(T.CurvatureFlowd, "__call__", fail)
-    second = volume_dataset(items, tmp_path / "cache")[0]
+    second = volume_dataset(items, tmp_path / "cache", _config("cond_ddpm", "volume_preprocessing"))[0]
     assert torch.equal(first["image"], second["image"])
     # a cached volume is the same type, with the same affine, as a freshly computed one
     assert isinstance(second["image"], MetaTensor) and torch.equal(second["image"].affine, first["image"].affine)
-    # other settings -> another cache folder, so stale volumes are never reused
-    volume_dataset(items, tmp_path / "cache", smoothing=False)[0]
-    assert len(list((tmp_path / "cache").glob("volumes-*"))) == 2
+    # other settings -> other cache files, so stale volumes are never reused
+    monkeypatch.undo()
+    other = _config("cond_ddpm", "volume_preprocessing")
+    other[3].iterations = 2
+    volume_dataset(items, tmp_path / "cache", other)[0]
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2
 
 
-def test_cache_holds_preprocessing_only(volume, tmp_path):
+def test_cache_holds_preprocessing_only(volume, tmp_path, preprocessing):
     """Datasets with different (even deterministic) post-transforms share the cache, never each other's output."""
     items = [{**volume, "name": "v", "label": 1}]
-    slices = volume_dataset(items, tmp_path / "cache", transform=T.AxialSlicesd(["image", "mask"]))[0]
-    shifted = volume_dataset(items, tmp_path / "cache", transform=T.ClipIntensityd("image", lo=0.5))[0]
+    slices = volume_dataset(items, tmp_path / "cache", preprocessing, transform=T.AxialSlicesd(["image", "mask"]))[0]
+    shifted = volume_dataset(items, tmp_path / "cache", preprocessing,
+                             transform=ScaleIntensityRanged("image", 0.5, 1.0, 0.5, 1.0, clip=True))[0]
     assert isinstance(slices, list) and slices[0]["image"].shape == (1, 96, 96)
     assert shifted["image"].shape == (1, 96, 96, 50) and shifted["image"].min() == 0.5
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 1
 
 
-def test_random_slices_have_brain(volume, tmp_path):
+def test_random_slices_have_brain(volume, tmp_path, preprocessing):
     slicer = T.RandAxialSliced(["image", "mask", "seg"])
-    dataset = volume_dataset([{**volume, "name": "v", "label": 1}], tmp_path / "cache", transform=slicer)
+    dataset = volume_dataset([{**volume, "name": "v", "label": 1}], tmp_path / "cache", preprocessing, transform=slicer)
     seen = set()
     for _ in range(30):
         sample = dataset[0]
@@ -180,7 +206,7 @@ def test_random_slices_have_brain(volume, tmp_path):
 
 
 def test_intensity_augmentation_keeps_shape_and_range():
-    augment = T.intensity_augmentation()
+    augment = _config("cond_ddpm", "augment_slice", "train.yaml")
     augment.set_random_state(0)
     image = torch.rand(1, 96, 96)
     outputs = [augment({"image": image})["image"] for _ in range(20)]

@@ -10,7 +10,7 @@ from custom_components.networks.backbone import resnet_backbone
 from tests.conftest import REPO, run_bundle
 
 BUNDLE = "contrastive_encoder"
-DEMO = ["train.yaml", "demo.yaml"]
+DEMO = ["common.yaml", "train.yaml", "demo.yaml"]
 SMALL = ["--epochs", "1", "--batch_size", "8", "--slices_per_volume", "2", "--num_workers", "0"]
 
 
@@ -42,7 +42,7 @@ def test_missing_dataset_or_fold_gives_clear_error(demo_root, tmp_path):
 @pytest.mark.parametrize("config, workflow_type", [("train.yaml", "train"), ("inference.yaml", "infer")])
 def test_bundle_properties(config, workflow_type, demo_root, cache_dir):
     configs = REPO / "bundles" / BUNDLE / "configs"
-    workflow = ConfigWorkflow(config_file=str(configs / config), meta_file=str(configs / "metadata.json"),
+    workflow = ConfigWorkflow(config_file=[str(configs / "common.yaml"), str(configs / config)], meta_file=str(configs / "metadata.json"),
                               logging_file=str(configs / "logging.conf"), workflow_type=workflow_type,
                               bundle_root=str(REPO / "bundles" / BUNDLE), dataset_dir=str(demo_root),
                               cache_dir=str(cache_dir))

@@ -20,8 +20,8 @@ from custom_components.inference import InputError, PrepareInputd, check_volume,
 from tests.conftest import REPO, run_bundle
 
 BUNDLE = "cond_ddpm"
-EVALUATE = ["train.yaml", "demo.yaml", "evaluate.yaml"]
-INFERENCE = ["inference.yaml", "demo.yaml"]
+EVALUATE = ["common.yaml", "evaluate.yaml", "demo.yaml"]
+INFERENCE = ["common.yaml", "inference.yaml", "demo.yaml"]
 TINY = ["--channels", "[8,16,16]", "--num_res_blocks", "1", "--encoder_depth", "18", "--pixel_unshuffle", "2"]
 FAST = ["--noise_type", "gaussian", "--recon_timesteps", "[500]", "--num_workers", "0"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -429,7 +429,7 @@ def test_inference_maps_land_on_the_input_anatomy(tmp_path):
     path = tmp_path / "phantom.nii.gz"
     nib.save(nib.Nifti1Image(image, affine), path)
     out = tmp_path / "out"
-    run_bundle(["inference.yaml"], BUNDLE, "--input", str(path), "--output_dir", str(out),
+    run_bundle(["common.yaml", "inference.yaml"], BUNDLE, "--input", str(path), "--output_dir", str(out),
                "--reconstruction", "none", "--threshold", "0.5")
     seg_image = nib.load(out / "phantom_seg.nii.gz")
     assert seg_image.shape == shape and np.allclose(seg_image.affine, affine)
@@ -448,7 +448,7 @@ def test_inference_rejects_bad_inputs_before_any_work(tmp_path):
     _nifti(folder / "thick.nii.gz", _brain(), spacing=3.0)
     _nifti(folder / "series.nii.gz", np.stack([_brain()] * 2, -1))
     with pytest.raises(AssertionError) as error:
-        run_bundle(["inference.yaml"], BUNDLE, "--input", str(folder), "--output_dir", str(tmp_path / "out"),
+        run_bundle(["common.yaml", "inference.yaml"], BUNDLE, "--input", str(folder), "--output_dir", str(tmp_path / "out"),
                    "--reconstruction", "none", "--threshold", "0.5")
     message = str(error.value)
     assert "3 of 3 input(s) cannot be used" in message
@@ -457,7 +457,7 @@ def test_inference_rejects_bad_inputs_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("configs", [["inference.yaml"], INFERENCE])
+@pytest.mark.parametrize("configs", [["common.yaml", "inference.yaml"], INFERENCE])
 def test_inference_bundle_properties(configs):
     folder = REPO / "bundles" / BUNDLE / "configs"
     workflow = ConfigWorkflow(config_file=[str(folder / c) for c in configs], meta_file=str(folder / "metadata.json"),

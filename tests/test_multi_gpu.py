@@ -89,7 +89,7 @@ def check_rank_zero_only(logs: dict, saves: list, out: Path) -> None:
 
 def test_encoder_two_processes(demo_root, cache_dir, tmp_path):
     out = tmp_path / "enc"
-    logs, saves = run_torchrun("contrastive_encoder", ["train.yaml", "demo.yaml", "multi_gpu_train.yaml"], tmp_path,
+    logs, saves = run_torchrun("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml", "multi_gpu_train.yaml"], tmp_path,
                                "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
                                "--output_dir", str(out), *TINY)
     check_rank_zero_only(logs, saves, out)
@@ -102,7 +102,7 @@ def test_encoder_two_processes(demo_root, cache_dir, tmp_path):
 
 def test_cond_ddpm_two_processes(demo_root, cache_dir, tmp_path):
     out = tmp_path / "ddpm"
-    logs, saves = run_torchrun("cond_ddpm", ["train.yaml", "demo.yaml", "multi_gpu_train.yaml"], tmp_path,
+    logs, saves = run_torchrun("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml", "multi_gpu_train.yaml"], tmp_path,
                                "--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir),
                                "--output_dir", str(out), "--channels", "[8,16,16]", *TINY,
                                "--tracking", "mlflow", "--tracking_uri", f"sqlite:///{tmp_path / 'mlruns.db'}")

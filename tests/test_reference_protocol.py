@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.layers import DropPath
-from monai.transforms import RandBiasFieldd, RandGaussianSmoothd
+from monai.transforms import RandBiasFieldd, RandGaussianSmoothd, ScaleIntensityRanged
 from torch import nn
 
 from custom_components import transforms as T
@@ -119,7 +119,7 @@ def test_test_time_noise_one_field_per_t_when_shared(shared):
 
 
 def _augment_chain(protocol: str) -> list:
-    parser = _parser("cond_ddpm", ["train.yaml"], protocol=protocol)
+    parser = _parser("cond_ddpm", ["common.yaml", "train.yaml"], protocol=protocol)
     return parser.get_parsed_content("train#preprocessing").transforms
 
 
@@ -135,20 +135,22 @@ def test_reference_augmentation_settings():
     assert [tuple(r) for r in (smooth.sigma_x, smooth.sigma_y, smooth.sigma_z)] == [(0.0, 1.0)] * 3  # 0-2 mm at 2 mm
     assert isinstance(ghost, T.RandGhostingd) and ghost.prob == 0.5 and ghost.spatial_dims == 3
     assert tuple(ghost.num_ghosts) == (4, 10) and tuple(ghost.intensity) == (0.5, 1.0) and ghost.restore is None
-    assert not any(isinstance(t, T.ClipIntensityd) for t in chain)
+    assert not any(isinstance(t, ScaleIntensityRanged) for t in chain)  # no clipping
 
 
 def test_project_augmentation_is_the_clipped_slice_augmentation():
     chain = _augment_chain("project")
     assert isinstance(chain[0], T.RandAxialSliced) and chain[0].slices == "brain"
     steps = chain[1].transforms
-    assert isinstance(steps[-1], T.ClipIntensityd) and isinstance(steps[-2], T.RandGhostingd)
+    clip = steps[-1].scaler
+    assert (clip.a_min, clip.a_max, clip.b_min, clip.b_max, clip.clip) == (0, 1, 0, 1, True)  # clipped to [0, 1]
+    assert isinstance(steps[-2], T.RandGhostingd)
     assert steps[-2].spatial_dims == 2
 
 
 @pytest.mark.parametrize("protocol", ["reference", "project"])
 def test_clipping_only_under_project(protocol):
-    parser = _parser("cond_ddpm", ["train.yaml"], protocol=protocol)
+    parser = _parser("cond_ddpm", ["common.yaml", "train.yaml"], protocol=protocol)
     preprocessing = parser.get_parsed_content("train#preprocessing")
     preprocessing.set_random_state(0)
     volume = _volume(depth=10, brain=range(10))
@@ -325,7 +327,7 @@ DDPM_IDS = {
 @pytest.mark.parametrize("protocol", ["reference", "project"])
 @pytest.mark.parametrize("extra", [[], ["multi_gpu_train.yaml"]])
 def test_encoder_config_follows_protocol(protocol, extra):
-    parser = _parser("contrastive_encoder", ["train.yaml", *extra], protocol=protocol)
+    parser = _parser("contrastive_encoder", ["common.yaml", "train.yaml", *extra], protocol=protocol)
     assert {k: parser.get_parsed_content(k) for k in ENCODER_IDS[protocol]} == ENCODER_IDS[protocol]
     assert parser.get_parsed_content("network_def#decoder") == ENCODER_IDS[protocol]["decoder"]
     assert parser.get_parsed_content("network_def#drop_path") == ENCODER_IDS[protocol]["drop_path"]
@@ -342,7 +344,7 @@ def test_encoder_config_follows_protocol(protocol, extra):
 
 def test_encoder_demo_network_follows_protocol():
     for protocol, ids in ENCODER_IDS.items():
-        net = _parser("contrastive_encoder", ["train.yaml", "demo.yaml"], protocol=protocol).get_parsed_content(
+        net = _parser("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"], protocol=protocol).get_parsed_content(
             "network_def")
         assert isinstance(net.decoder, SparKDecoder if ids["decoder"] == "spark" else LightDecoder)
         assert max(_drop_paths(net), default=0.0) == pytest.approx(ids["drop_path"])
@@ -351,7 +353,7 @@ def test_encoder_demo_network_follows_protocol():
 @pytest.mark.parametrize("protocol", ["reference", "project"])
 @pytest.mark.parametrize("extra", [[], ["multi_gpu_train.yaml"], ["demo.yaml"]])
 def test_cond_ddpm_config_follows_protocol(protocol, extra):
-    parser = _parser("cond_ddpm", ["train.yaml", *extra], protocol=protocol)
+    parser = _parser("cond_ddpm", ["common.yaml", "train.yaml", *extra], protocol=protocol)
     expected = dict(DDPM_IDS[protocol])
     if extra == ["demo.yaml"]:
         expected["val_interval"] = 1  # the demo profile sets it
@@ -370,11 +372,11 @@ def test_cond_ddpm_config_follows_protocol(protocol, extra):
 
 
 def test_one_choice_flips_alone():
-    parser = _parser("cond_ddpm", ["train.yaml"], protocol="reference", train_slices="brain", augmentation="project")
+    parser = _parser("cond_ddpm", ["common.yaml", "train.yaml"], protocol="reference", train_slices="brain", augmentation="project")
     assert parser.get_parsed_content("train#slicer").slices == "brain"
     assert isinstance(parser.get_parsed_content("train#preprocessing").transforms[0], T.RandAxialSliced)
     assert parser.get_parsed_content("shared_noise_train") is True and parser.get_parsed_content("drop_path") == 0.05
     for key, value in (("augmentation", "both"), ("val_slices", "some")):
         with pytest.raises(RuntimeError) as error:
-            _parser("cond_ddpm", ["train.yaml"], **{key: value}).get_parsed_content("validate#preprocessing")
+            _parser("cond_ddpm", ["common.yaml", "train.yaml"], **{key: value}).get_parsed_content("validate#preprocessing")
         assert f"{key} must be one of" in str(error.value.__cause__)

@@ -41,6 +41,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, get_timestep_embedding
 from torch import nn
 
+from ..utils import from_diffusion_range
 from .backbone import backbone_channels, resnet_backbone
 
 __all__ = [
@@ -295,7 +296,7 @@ class ConditionalDDPM(nn.Module):
     def encode(self, context: torch.Tensor) -> torch.Tensor | None:
         """The condition vector (B, cond_dim) of the clean image ``context`` in the diffusion range [-1, 1];
         ``None`` when unconditioned. The encoder sees [0, 1], the range the contrastive encoder was trained on."""
-        return self.encoder((context + 1) / 2) if self.encoder is not None else None
+        return self.encoder(from_diffusion_range(context)) if self.encoder is not None else None
 
     def forward(
         self,
