@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.handlers import CheckpointLoader
 from PIL import Image
 
 from custom_components.networks.diffusion_unet import ConditionalDDPM
@@ -219,22 +220,22 @@ def test_checkpoint_loader_of_the_config(tmp_path):
     # cond_ddpm's model.pt (a plain state_dict) and its training checkpoints (the network under "model") load;
     # a missing file or another architecture fails when the run starts
     engine = SimpleNamespace(state=SimpleNamespace(max_epochs=None, epoch=0))
-    ckpt = save_checkpoint(tmp_path / "tiny.pt")
+
+    def load(wf):
+        wf.initialize()
+        next(h for h in wf.parser.get_parsed_content("handlers") if isinstance(h, CheckpointLoader))(engine)
+
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", 0.25)  # output bias 0.25: untrained networks have 0
     training = tmp_path / "training.pt"
     torch.save({"model": torch.load(ckpt, weights_only=True), "epoch": 3}, training)
     for path in (ckpt, training):
         wf = workflow(ckpt_path=str(path))
-        wf.initialize()
-        wf.parser.get_parsed_content("handlers#0")(engine)
-        assert torch.equal(wf.network.unet.conv_in.conv.weight, tiny_network().unet.conv_in.conv.weight)
-    wf = workflow(ckpt_path=str(tmp_path / "nowhere.pt"))
-    wf.initialize()
+        load(wf)
+        assert torch.all(wf.parser.get_parsed_content("network").unet.out[-1].conv.bias == 0.25)
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        wf.parser.get_parsed_content("handlers#0")(engine)
-    wf = workflow(ckpt_path=ckpt, channels=[16, 32, 64])
-    wf.initialize()
+        load(workflow(ckpt_path=str(tmp_path / "nowhere.pt")))
     with pytest.raises(RuntimeError, match="size mismatch"):
-        wf.parser.get_parsed_content("handlers#0")(engine)
+        load(workflow(ckpt_path=ckpt, channels=[16, 32, 64]))
 
 
 def test_missing_image_and_bad_threshold(hand_made_root):
