@@ -30,12 +30,18 @@ def preview(data_root: str, split: str = "Brats21_test", out: str = "preview.png
 
 
 def demo(workdir: str, force: bool = False, seed: int = 0, size: str = "default", verbose: bool = False,
-         tracking_uri: str | None = None) -> None:
-    """Run the whole pipeline on demo data in ``workdir`` (skips finished stages); writes summary.json, report.md."""
-    from custom_components.demo import DemoError, run_demo
+         tracking_uri: str | None = None, seeds=None) -> None:
+    """Run the whole pipeline on demo data in ``workdir`` (skips finished stages); writes summary.json, report.md.
+    ``--seeds 0,1,2``: one demo per seed in ``workdir/seed<N>`` and a report of mean ± std over them."""
+    from custom_components.demo import DemoError, run_demo, run_seeds
 
     try:
-        run_demo(workdir, force=force, seed=seed, size=size, verbose=verbose, tracking_uri=tracking_uri)
+        if seeds is not None:
+            items = seeds if isinstance(seeds, (list, tuple)) else str(seeds).strip("()[]").split(",")
+            seeds = [int(s) for s in items if str(s).strip()]
+            run_seeds(workdir, seeds, force=force, size=size, verbose=verbose)
+        else:
+            run_demo(workdir, force=force, seed=seed, size=size, verbose=verbose, tracking_uri=tracking_uri)
     except DemoError as err:
         print(f"demo: {err}", file=sys.stderr)
         sys.exit(1)

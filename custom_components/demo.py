@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -30,24 +31,20 @@ EXPERIMENT = "demo"
 STATE_FILE = "demo_state.json"
 
 # ------------------------------------------------------------------------------------------------------
-# The demo profiles: every size setting of the demo lives here. Training is budgeted in epochs (each epoch
-# draws ``slices_per_volume`` random axial slices per training volume), never in wall-clock time.
-# ``network`` holds cond_ddpm's network ids, shared by training, evaluation and NOVA inference.
+# The demo profiles. The default demo's network and training settings live in the bundles' ``demo.yaml``
+# (which a user can merge by hand); a profile adds the data sizes and, for ``tiny``, overrides of those
+# settings. Training is budgeted in epochs (each epoch draws ``slices_per_volume`` random axial slices per
+# training volume), never in wall-clock time. ``network`` holds cond_ddpm's network ids, shared by training,
+# evaluation and NOVA inference.
 # ------------------------------------------------------------------------------------------------------
 PROFILES: dict[str, dict] = {
     "default": {
         "data": {"n_ixi": 40, "n_brats": 16, "n_mslub": 12, "n_nova": 24},
-        "encoder": {"epochs": 3, "batch_size": 32, "slices_per_volume": 16, "num_workers": 2},
-        "network": {},  # cond_ddpm demo.yaml: (16, 32, 64) U-Net, one res block, 2x2 pixel unshuffle, ResNet-18
-        "cond_ddpm": {"epochs": 10, "batch_size": 32, "slices_per_volume": 32, "num_workers": 2,
-                      "learning_rate": 0.001, "val_interval": 5},
-        "evaluate": {"num_workers": 2},
-        "score": {},
-        "nova": {},
+        "encoder": {}, "network": {}, "cond_ddpm": {}, "evaluate": {}, "score": {}, "nova": {},
     },
     "tiny": {  # for tests: minutes on two cores, not meant to find lesions
         "data": {"n_ixi": 10, "n_brats": 4, "n_mslub": 4, "n_nova": 6},
-        "encoder": {"epochs": 1, "batch_size": 8, "slices_per_volume": 2, "num_workers": 0},
+        "encoder": {"epochs": 1, "batch_size": 8, "slices_per_volume": 2, "num_workers": 0, "val_interval": 1},
         "network": {"channels": [8, 16, 16]},
         "cond_ddpm": {"epochs": 2, "batch_size": 16, "slices_per_volume": 8, "num_workers": 0,
                       "learning_rate": 0.002, "val_interval": 1},
@@ -249,6 +246,13 @@ def run_stage(stage: Stage, log_file: Path, verbose: bool = False) -> None:
         raise DemoError(f"stage {stage.name} finished but did not write {missing}; log: {log_file}")
 
 
+def _children_cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes: a stage's cost that other jobs on the machine
+    do not inflate as they inflate its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _clear(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -307,7 +311,7 @@ def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = Fa
                 tracker.end_unfinished(stage.name)
         print(f"[{stage.name}] {stage.description}\n  $ {_display(stage.command)}", flush=True)
         earlier = record.get("partial_seconds", 0.0) if resume else 0.0  # time of the interrupted attempts
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _children_cpu_seconds()
         state["stages"][stage.name] = {"finished": False, "command": _display(stage.command),
                                        "partial_seconds": earlier}
         write_json_atomic(workdir / state_file, state)
@@ -321,6 +325,7 @@ def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = Fa
         if tracker:
             tracker.after_stage(stage, workdir, seconds)
         state["stages"][stage.name] = {"finished": True, "seconds": round(seconds, 1),
+                                       "cpu_seconds": round(_children_cpu_seconds() - cpu_start, 1),
                                        "command": _display(stage.command)}
         write_json_atomic(workdir / state_file, state)
         upstream_ran = True
@@ -349,6 +354,70 @@ def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default",
         print(f"\nSummary: {summary_path}\nReport:  {workdir / 'report.md'}\n"
               f"MLflow:  mlflow ui --backend-store-uri {uri}")
     return summary_path
+
+
+# ------------------------------------------------------------------------------------------------------
+# several seeds: one demo per seed, then mean ± std of the headline numbers
+# ------------------------------------------------------------------------------------------------------
+def headline(summary: dict, timings: dict | None = None) -> dict[str, float | None]:
+    """The numbers a seed is judged by: test-split Dice and AUPRC of model and baseline, IXI_test L1, NOVA mAP@30
+    under both protocols, and the stages' total wall time."""
+    row: dict[str, float | None] = {}
+    for dataset, entry in summary.get("datasets", {}).items():
+        if dataset == "IXI":
+            row["IXI_test l1 (model)"] = (entry.get("model") or {}).get("l1")
+            continue
+        for kind in ("model", "baseline"):
+            for metric in ("dice", "auprc"):
+                row[f"{dataset} {metric} ({kind})"] = (entry.get(kind) or {}).get(metric)
+    for key, label in (("nova", "reference"), ("nova_project", "project")):
+        row[f"NOVA mAP@30 ({label})"] = _number(((summary.get(key) or {}).get("reference") or {}).get("mAP@30"))
+    if timings is not None:
+        row["stages' wall seconds"] = timings.get("total_seconds")
+    return row
+
+
+def over_seeds(rows: dict[int, dict]) -> dict[str, dict]:
+    """Per column the mean and population std (ddof 0) over the seeds that have a value, and the values."""
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    out = {}
+    for column in columns:
+        values = {seed: row.get(column) for seed, row in rows.items()}
+        finite = [v for v in values.values() if isinstance(v, (int, float)) and v == v]
+        out[column] = {"mean": sum(finite) / len(finite) if finite else None,
+                       "std": (sum((v - sum(finite) / len(finite)) ** 2 for v in finite) / len(finite)) ** 0.5
+                       if finite else None, "per_seed": values}
+    return out
+
+
+def run_seeds(workdir, seeds, force: bool = False, size: str = "default", verbose: bool = False,
+              runner: Callable[[Stage, Path, bool], None] = run_stage) -> Path:
+    """The demo once per seed in ``workdir/seed<N>`` (data, training and evaluation all seeded), then
+    ``workdir/seeds.json`` and ``workdir/report.md``: every seed's headline numbers and their mean ± std."""
+    workdir, seeds = Path(workdir).expanduser().absolute(), [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise DemoError(f"seeds must be distinct integers, got {seeds}.")
+    open_workdir(workdir, {"size": size, "seeds": seeds}, force, state_file="seeds_state.json")
+    rows = {}
+    for seed in seeds:
+        print(f"\n=== seed {seed} ===", flush=True)
+        folder = workdir / f"seed{seed}"
+        run_demo(folder, force=force, seed=seed, size=size, verbose=verbose, runner=runner)
+        rows[seed] = headline(_read_json(folder / "summary.json") or {}, _read_json(folder / "timings.json"))
+    table = over_seeds(rows)
+    write_json_atomic(workdir / "seeds.json", {"size": size, "seeds": seeds, "metrics": table})
+    lines = [f"# Demo over seeds {', '.join(map(str, seeds))} ({size} size)", "",
+             "Each seed generates its own data and trains its own networks; means and population standard "
+             "deviations over the seeds. Dice at the threshold found on each data set's val split.", "",
+             "| | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+    for column, stats in table.items():
+        digits = 0 if "seconds" in column else 4 if "l1" in column else 3
+        mean = "–" if stats["mean"] is None else f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+        lines.append(f"| {column} | {mean} | " + " | ".join(_fmt(v, digits) for v in stats["per_seed"].values()) + " |")
+    lines += ["", "Each seed's report: " + ", ".join(f"[seed {s}](seed{s}/report.md)" for s in seeds), ""]
+    write_text_atomic(workdir / "report.md", "\n".join(lines))
+    print("\n" + "\n".join(lines[4:-2]) + f"\n\nReport: {workdir / 'report.md'}")
+    return workdir / "seeds.json"
 
 
 def print_summary(summary: dict) -> None:
@@ -579,31 +648,36 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
     workdir = Path(workdir)
     size, seed = state["settings"]["size"], state["settings"]["seed"]
     results = summarize_results(workdir)
-    stage_info = {s.name: {"seconds": state["stages"].get(s.name, {}).get("seconds"),
-                           "command": _display(s.command)} for s in stages}
+    stage_info = {s.name: {key: state["stages"].get(s.name, {}).get(key) for key in ("seconds", "cpu_seconds")}
+                  | {"command": _display(s.command)} for s in stages}
     total = sum(v["seconds"] or 0 for v in stage_info.values())
+    cpu_total = sum(v["cpu_seconds"] or 0 for v in stage_info.values())
     previews = _previews(workdir)
     if tracker is not None:
         tracker.log_files("data", previews)
     curves = _training_curves(tracker, workdir / "figures" / "training_curves.png")
     grids = [p for kind in ("model", "baseline") for p in sorted((workdir / "eval" / kind).glob("*_grid.png"))]
     overlays = [p for folder in ("nova", "nova_project") for p in sorted((workdir / folder / "overlays").glob("*.png"))[:4]]
+    # summary.json holds what the run computed, nothing that depends on the clock or the folder: the same seed
+    # on the same machine gives the same file; durations go to timings.json
     summary = {
-        "size": size, "seed": seed, "workdir": str(workdir), "profile": PROFILES[size],
+        "size": size, "seed": seed, "profile": PROFILES[size],
         "networks": network_settings(size),
         **results,
-        "stages": stage_info, "total_seconds": round(total, 1),
         "versions": versions(),
-        "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "runs": [s.name for s in stages]},
+        "mlflow": {"experiment": EXPERIMENT, "runs": [s.name for s in stages]},
         "figures": [str(p.relative_to(workdir)) for p in [*previews, *grids, *overlays, *([curves] if curves else [])]],
     }
+    write_json_atomic(workdir / "timings.json", {
+        "stages": stage_info, "total_seconds": round(total, 1), "total_cpu_seconds": round(cpu_total, 1),
+        "cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]})
 
     def rel(path: Path) -> str:
         return path.relative_to(workdir).as_posix()
 
     lines = [f"# Demo report ({size} size, seed {seed})", "",
              f"Synthetic data; {_describe(summary['networks'])}. Total time of the stages: {total / 60:.1f} min "
-             f"on {os.cpu_count()} CPU cores (torch {summary['versions']['torch']}, "
+             f"({cpu_total / 60:.1f} CPU-minutes) on {os.cpu_count()} CPU cores (torch {summary['versions']['torch']}, "
              f"MONAI {summary['versions']['monai']}).", "",
              "## Anomaly segmentation: model vs intensity baseline", "",
              "Means over the test volumes; the Dice threshold is chosen on each data set's val split "
@@ -651,8 +725,10 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
     if curves:
         lines += ["### Training curves (from the MLflow store)", "", f"![training curves]({rel(curves)})", ""]
     lines += ["## Stages", "", "Each stage is an ordinary command, run from the repository root; logs in `logs/`.",
-              "", "| stage | seconds | command |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(info['seconds'], 0)} | `{info['command']}` |" for name, info in stage_info.items()]
+              "Wall seconds grow when other jobs share the machine; CPU seconds (user + system, all cores) do not.",
+              "", "| stage | seconds | CPU seconds | command |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(info['seconds'], 0)} | {_fmt(info['cpu_seconds'], 0)} | `{info['command']}` |"
+              for name, info in stage_info.items()]
     lines += ["", "## Experiment tracking", "",
               f"All stages are runs of the MLflow experiment `{EXPERIMENT}`: `mlflow ui --backend-store-uri {uri}`.",
               "", "Numbers: `summary.json`; per-volume metrics: `eval/*/per_volume.csv`; full metrics: "

@@ -188,9 +188,11 @@ def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
     for key in ("nova", "nova_project"):
         reference = summary[key]["reference"]
         assert all(_in_unit_range(float(reference[k])) for k in ("mAP@30", "mAP@50", "ACC@50"))
-    assert set(summary["stages"]) == set(STAGES) and all(s["seconds"] > 0 for s in summary["stages"].values())
+    timings = json.loads((work / "timings.json").read_text())
+    assert set(timings["stages"]) == set(STAGES)
+    assert all(s["seconds"] > 0 and s["cpu_seconds"] > 0 for s in timings["stages"].values())
     assert {"python", "torch", "monai"} <= set(summary["versions"])
-    assert summary["networks"]["conditioning_encoder"] == "ResNet-18"
+    assert summary["networks"]["conditioning_encoder"] == "ResNet-10"  # the depth of the bundles' demo.yaml
 
     report = (work / "report.md").read_text()
     links = [line.split("](", 1)[1].split(")", 1)[0] for line in report.splitlines() if "![" in line]
@@ -226,3 +228,42 @@ def test_tiny_demo_runs_every_stage_and_reruns_nothing(tmp_path):
         assert f"[{stage}] done earlier" in second.stdout and f"[{stage}] finished" not in second.stdout
     assert (work / "cond_ddpm" / "model.pt").stat().st_mtime_ns == model_time
     assert len(client.search_runs([experiment.experiment_id])) == len(STAGES)
+
+    # the same seed on the same machine, in another folder: the same numbers, byte for byte
+    _demo(tmp_path / "again")
+    assert (tmp_path / "again" / "summary.json").read_text() == (work / "summary.json").read_text()
+
+
+class ScoringRunner(FakeRunner):
+    """Writes each stage's outputs; the score and NOVA stages write metrics that depend on the seed folder."""
+
+    VALUES = {"seed0": (0.5, 0.25, 0.75), "seed1": (0.3, 0.2, 0.25)}  # model dice, baseline dice, NOVA mAP@30
+
+    def __call__(self, stage, log_file, verbose):
+        super().__call__(stage, log_file, verbose)
+        model, baseline, nova = self.VALUES[log_file.parent.parent.name]
+        for path in stage.outputs:
+            if path.name == "metrics.json" and path.parent.parent.name == "eval":
+                dice = model if path.parent.name == "model" else baseline
+                path.write_text(json.dumps({"Brats21": {"test_split": "Brats21_test", "n_test_volumes": 2,
+                                                        "metrics": {"dice": {"mean": dice}, "auprc": 0.1}}}))
+            elif path.name == "metrics.json":
+                path.write_text(json.dumps({"reference": {"mAP@30": nova if path.parent.name == "nova" else 1.0}}))
+
+
+def test_several_seeds_give_mean_and_std_of_each_seeds_numbers(tmp_path):
+    D.run_seeds(tmp_path / "w", [0, 1], size="tiny", runner=ScoringRunner())
+    for seed in (0, 1):
+        assert (tmp_path / "w" / f"seed{seed}" / "summary.json").is_file()
+    metrics = json.loads((tmp_path / "w" / "seeds.json").read_text())["metrics"]
+    dice = metrics["Brats21 dice (model)"]
+    assert dice["per_seed"] == {"0": 0.5, "1": 0.3}
+    assert dice["mean"] == pytest.approx(0.4) and dice["std"] == pytest.approx(0.1)  # population std
+    assert metrics["Brats21 dice (baseline)"]["mean"] == pytest.approx(0.225)
+    assert metrics["NOVA mAP@30 (reference)"]["std"] == pytest.approx(0.25)
+    assert metrics["NOVA mAP@30 (project)"]["std"] == 0.0
+    report = (tmp_path / "w" / "report.md").read_text()
+    assert "| Brats21 dice (model) | 0.400 ± 0.100 | 0.500 | 0.300 |" in report
+    assert "[seed 1](seed1/report.md)" in report
+    with pytest.raises(D.DemoError, match="distinct"):
+        D.run_seeds(tmp_path / "x", [1, 1], size="tiny", runner=ScoringRunner())
