@@ -91,19 +91,19 @@ def test_cond_ddpm_export_layout_and_references(cond_bundle, tiny_ckpt):
         assert exported.pop("run") == ["$@deferred_initialize", *renamed.pop("run")]
         exported.pop("deferred_initialize")
         assert exported == renamed
-    train = yaml.safe_load((cond_bundle / "configs/train.yaml").read_text())
-    assert train["network_def"]["_target_"] == "scripts.networks.diffusion_unet.ConditionalDDPM"
-    assert "$import scripts.networks.diffusion_unet" in train["imports"]
+    common = yaml.safe_load((cond_bundle / "configs/common.yaml").read_text())
+    assert common["network_def"]["_target_"] == "scripts.networks.diffusion_unet.ConditionalDDPM"
+    assert "$import scripts.networks.diffusion_unet" in common["imports"]
 
 
 def test_export_without_models_and_clear_errors(tmp_path, tiny_ckpt):
     result = export_bundle("nova_eval", tmp_path / "nova")
     assert list((tmp_path / "nova/models").iterdir()) == []
     assert "models:  NONE" in result.summary() and "EMPTY" in (tmp_path / "nova/docs/EXPORT.md").read_text()
-    # the checkpoint of the sibling cond_ddpm bundle becomes this bundle's own models/model.pt
+    # without a model the checkpoint stays a required id; inference.yaml holds common.yaml's ids (the network)
     inference = yaml.safe_load((tmp_path / "nova/configs/inference.yaml").read_text())
-    assert inference["ckpt_path"] == "$@bundle_root + '/models/model.pt'"
-    assert any("../cond_ddpm" in note for note in result.notes)
+    assert inference["ckpt_path"] is None and inference["network_def"]["_target_"].startswith("scripts.")
+    assert (tmp_path / "nova/configs/common.yaml").is_file() and not (tmp_path / "nova/configs/common.yaml").is_symlink()
 
     with pytest.raises(ExportError, match=r"no bundle 'nope'.*cond_ddpm"):
         export_bundle("nope", tmp_path / "x")
@@ -241,9 +241,9 @@ def test_export_sets_ids_for_apps_that_read_the_config_as_it_is(tmp_path):
     demo = {"channels": [16, 32, 64], "num_res_blocks": 1}
     result = export_bundle("cond_ddpm", tmp_path / "b", set_values={**demo, "threshold": 0.25})
     inference = yaml.safe_load((tmp_path / "b/configs/inference.yaml").read_text())
-    train = yaml.safe_load((tmp_path / "b/configs/train.yaml").read_text())
+    common = yaml.safe_load((tmp_path / "b/configs/common.yaml").read_text())
     assert {k: inference[k] for k in [*demo, "threshold"]} == {**demo, "threshold": 0.25}
-    assert {k: train[k] for k in demo} == demo and "threshold" not in train  # only where the config defines the id
+    assert {k: common[k] for k in demo} == demo and "threshold" not in common  # only where the config defines the id
     assert "# MONAI Label adds" in (tmp_path / "b/configs/inference.yaml").read_text()  # comments kept
     assert any("ids set at export" in note for note in result.notes)
     with pytest.raises(ExportError, match="defines the id"):
