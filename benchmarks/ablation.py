@@ -72,11 +72,12 @@ class Job:
 
 
 def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs: int | None,
-         data_root: Path | None, variants: list[str]) -> list[Job]:
-    """The ablation's stages: data (unless given), encoder, and per variant train / evaluate / NOVA boxes / metrics."""
+         data_root: Path | None, variants: list[str], cache: Path | None = None) -> list[Job]:
+    """The ablation's stages: data (unless given), encoder, and per variant train / evaluate / NOVA boxes / metrics.
+    ``cache``: the preprocessed-volume cache (default ``workdir/cache``), shared by seeds that share the data."""
     profile = PROFILES[size]
     data = data_root or workdir / "data"
-    cache = workdir / "cache"
+    cache = cache or workdir / "cache"
     common = {"dataset_dir": data, "cache_dir": cache, "seed": seed}
     network = profile["network"]
     jobs: list[Job] = []
@@ -89,17 +90,15 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
 
     encoder = workdir / "encoder" / "model.pt"
     if any(VARIANTS[v]["pretrained_encoder"] for v in variants):
-        enc = {**profile["encoder"], **({"epochs": encoder_epochs} if encoder_epochs else {})}
-        if "val_interval" in enc:
-            enc["val_interval"] = min(int(enc["val_interval"]), int(enc["epochs"]))
+        enc = {**profile["encoder"], **({"epochs": encoder_epochs, "val_interval": encoder_epochs}
+                                        if encoder_epochs else {})}
         jobs.append(Job(Stage("encoder", bundle_command("contrastive_encoder", ["train.yaml", "demo.yaml"], {
             **common, "output_dir": workdir / "encoder", **enc}),
             outputs=[encoder], folder=workdir / "encoder", description="contrastive encoder pretraining"),
             depends=data_deps))
 
-    train = {**profile["cond_ddpm"], **({"epochs": epochs} if epochs else {})}
-    # a validation at least once, so that the best checkpoint (models/model.pt) is written
-    train["val_interval"] = min(int(train.get("val_interval", 1)), int(train["epochs"]))
+    # other epochs than demo.yaml's: validate at the last one, so that the best checkpoint (models/model.pt) exists
+    train = {**profile["cond_ddpm"], **({"epochs": epochs, "val_interval": epochs} if epochs else {})}
     for variant in variants:
         spec = VARIANTS[variant]
         v = workdir / variant
@@ -271,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             data_root = workdir / "data"
         for seed in seeds:
             folder = workdir / f"seed{seed}"
-            jobs = plan(folder, args.size, seed, args.epochs, args.encoder_epochs, data_root, variants)
+            jobs = plan(folder, args.size, seed, args.epochs, args.encoder_epochs, data_root, variants,
+                        cache=workdir / "cache")
             seconds[f"seed{seed}"] = run(jobs, folder, args.force, args.verbose)
             rows_by_seed[seed] = collect(folder, variants)
     except DemoError as err:
