@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from monai.bundle import ConfigWorkflow
 from monai.handlers import CheckpointLoader
 from PIL import Image
@@ -20,8 +21,10 @@ from tests.conftest import REPO, run_bundle
 
 BUNDLE = "nova_eval"
 CONFIGS = REPO / "bundles" / BUNDLE / "configs"
-DEMO = ["inference.yaml", "demo.yaml"]
-TINY = {"channels": (8, 16, 16), "num_res_blocks": 1, "encoder_depth": 18, "pixel_unshuffle": 2}
+PAPER = ["common.yaml", "inference.yaml"]
+DEMO = [*PAPER, "demo.yaml"]
+DEMO_IDS = yaml.safe_load((CONFIGS / "demo.yaml").read_text())  # the demo profile's network ids
+TINY = {"channels": (8, 16, 16), **{k: DEMO_IDS[k] for k in ("num_res_blocks", "encoder_depth", "pixel_unshuffle")}}
 PRED_KEYS = {"x_min", "y_min", "x_max", "y_max", "score"}
 
 
@@ -199,9 +202,9 @@ def test_demo_inference_then_evaluate(demo_root, tmp_path):
 
 # ------------------------------------------------------------------------------ config and errors
 def test_paper_config_properties_and_network_ids(demo_root):
-    wf = ConfigWorkflow(config_file=str(CONFIGS / "inference.yaml"), meta_file=str(CONFIGS / "metadata.json"),
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in PAPER], meta_file=str(CONFIGS / "metadata.json"),
                         logging_file=False, workflow_type="infer", bundle_root=str(REPO / "bundles" / BUNDLE),
-                        dataset_dir=str(demo_root))
+                        dataset_dir=str(demo_root), ckpt_path="model.pt")
     wf.initialize()
     assert wf.check_properties() == []
     p = wf.parser
@@ -209,7 +212,7 @@ def test_paper_config_properties_and_network_ids(demo_root):
     assert p["encoder_depth"] == 50 and p["pixel_unshuffle"] == 1 and p["conditioning"] is True
     assert p["noise_type"] == "simplex" and p["num_train_timesteps"] == 1000
     assert p["recon_timesteps"] == [250, 500, 750]
-    assert p["network_def"]["encoder_ckpt"] is None
+    assert p.get_parsed_content("encoder_ckpt") is None  # the encoder's weights come with ckpt_path
     assert p["threshold"] == 0.5 and p["top_k"] == 5 and p["caption_filter"] == "T2"
     assert p["save_overlays"] is False
     with open(demo_root / "NOVA" / "metadata.csv", newline="") as f:

@@ -19,6 +19,7 @@ from custom_components.nova_inference import (
 from tests.conftest import REPO
 
 CONFIGS = REPO / "bundles" / "nova_eval" / "configs"
+DEMO = ["common.yaml", "inference.yaml", "demo.yaml"]
 
 
 def ellipse(shape, centre, radii):
@@ -132,9 +133,10 @@ def test_healthy_threshold_is_the_quantile_of_healthy_residuals():
 
 @pytest.mark.parametrize("protocol", ["reference", "project"])
 def test_protocol_sets_the_defaults_of_each_choice(protocol, tmp_path):
-    wf = ConfigWorkflow(config_file=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "demo.yaml")],
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in DEMO],
                         meta_file=str(CONFIGS / "metadata.json"), logging_file=False, workflow_type="infer",
-                        bundle_root=str(REPO / "bundles" / "nova_eval"), dataset_dir=str(tmp_path), protocol=protocol)
+                        bundle_root=str(REPO / "bundles" / "nova_eval"), dataset_dir=str(tmp_path), protocol=protocol,
+                        ckpt_path="model.pt")
     wf.initialize()
     project = protocol == "project"
     for key in ("head_mask", "training_orientation", "training_scale", "calibrate_threshold"):
@@ -147,7 +149,7 @@ def test_protocol_sets_the_defaults_of_each_choice(protocol, tmp_path):
 
 
 def test_unknown_protocol_is_refused(tmp_path):
-    wf = ConfigWorkflow(config_file=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "demo.yaml")],
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in DEMO],
                         meta_file=str(CONFIGS / "metadata.json"), logging_file=False, workflow_type="infer",
                         bundle_root=str(REPO / "bundles" / "nova_eval"), dataset_dir=str(tmp_path), protocol="mine")
     with pytest.raises(RuntimeError) as error:  # monai.bundle wraps the ValueError of the expression
