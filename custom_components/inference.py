@@ -22,9 +22,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import CenterSpatialCrop, MapTransform
+from monai.utils import convert_to_numpy
 
 from custom_components import metrics as M
-from custom_components.evaluation import atomic_save_nifti
+from custom_components.evaluation import atomic_save_nifti, checkpoint_path
 from custom_components.transforms import CROP_SIZE
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ __all__ = [
     "resolve_threshold",
     "check_ready",
     "PrepareInputd",
-    "inference_preprocessing",
     "AnomalyMapd",
     "AnomalySegmentd",
     "SaveAnomalyOutputsd",
@@ -278,8 +278,6 @@ def check_ready(items, ckpt_path=None, reconstruction: str = "ddpm", threshold=N
                 threshold_key: str = "Brats21.threshold") -> float:
     """Everything a run needs, checked before the first volume is processed: inputs, checkpoint and
     threshold. Returns the threshold."""
-    from custom_components.evaluation import checkpoint_path
-
     if not items:
         raise InputError("No input given: pass --input with a NIfTI file or a folder of NIfTI files.")
     checkpoint_path(ckpt_path, reconstruction)
@@ -311,27 +309,9 @@ class PrepareInputd(MapTransform):
         return d
 
 
-def inference_preprocessing(smoothing: bool = True):
-    """``PrepareInputd`` + the training preprocessing (``transforms.preprocessing``), whose invertible spatial
-    steps ``Invertd`` later undoes."""
-    from monai.transforms import Compose
-
-    from custom_components.transforms import preprocessing
-
-    return Compose([PrepareInputd(), preprocessing(smoothing=smoothing)])
-
-
 # ----------------------------------------------------------------------------------------------
 # post-processing transforms (on one decollated item)
 # ----------------------------------------------------------------------------------------------
-
-
-def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        x = x.as_tensor() if isinstance(x, MetaTensor) else x
-        return x.numpy()
-    return np.asarray(x)
 
 
 class AnomalyMapd(MapTransform):
@@ -346,11 +326,10 @@ class AnomalyMapd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         image = d[self.image_key]
-        x = _as_numpy(image)[0].astype(np.float32)
-        mask = _as_numpy(d[self.mask_key])[0] > 0
+        x = convert_to_numpy(image, dtype=np.float32)[0]
+        mask = convert_to_numpy(d[self.mask_key])[0]
         for key in self.key_iterator(d):
-            recon = _as_numpy(d[key])[0].astype(np.float32)
-            residual = M.postprocess_residual(np.abs(x - recon), mask, self.median_size)
+            residual = M.residual_map(x, convert_to_numpy(d[key], dtype=np.float32)[0], mask, self.median_size)
             meta = image.meta if isinstance(image, MetaTensor) else {}
             d[self.output_key] = MetaTensor(torch.from_numpy(residual)[None], meta=dict(meta))
         return d
@@ -376,10 +355,10 @@ class AnomalySegmentd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        mask = _as_numpy(d[self.mask_key])[0] > 0
+        mask = convert_to_numpy(d[self.mask_key])[0] > 0
         d["threshold"] = self.value
         for key in self.key_iterator(d):
-            anomaly = _as_numpy(d[key])[0]
+            anomaly = convert_to_numpy(d[key])[0]
             seg = M.segment(anomaly, self.value, mask)
             d[self.output_key] = MetaTensor(torch.from_numpy(seg.astype(np.float32))[None], meta=dict(d[key].meta))
         return d
@@ -404,8 +383,8 @@ class SaveAnomalyOutputsd(MapTransform):
         source, name = Path(d[self.source_key]), str(d[self.name_key])
         image = nib.load(str(source))
         shape = _spatial_shape(image.shape)
-        anomaly = np.clip(_as_numpy(d[self.anomaly_key])[0], 0, 1).astype(np.float32)  # B-spline overshoot
-        seg = _as_numpy(d[self.seg_key])[0] > 0.5
+        anomaly = np.clip(convert_to_numpy(d[self.anomaly_key])[0], 0, 1).astype(np.float32)  # B-spline overshoot
+        seg = convert_to_numpy(d[self.seg_key])[0] > 0.5
         if anomaly.shape != shape or seg.shape != shape:
             raise RuntimeError(f"{source}: the maps came back with shape {anomaly.shape}, not the input's {shape}.")
         volume = np.asanyarray(image.dataobj).reshape(shape)

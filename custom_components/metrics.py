@@ -127,6 +127,11 @@ def postprocess_residual(residual, brain_mask, median_size: int = 5) -> np.ndarr
     return out
 
 
+def residual_map(image, reconstruction, brain_mask, median_size: int = 5) -> np.ndarray:
+    """The post-processed residual of one volume: |image - reconstruction|, then ``postprocess_residual``."""
+    return postprocess_residual(np.abs(image - reconstruction).astype(np.float32), brain_mask, median_size)
+
+
 # ----------------------------------------------------------------------------------------------
 # threshold search
 # ----------------------------------------------------------------------------------------------
@@ -182,32 +187,16 @@ def _positive_levels(pos_sorted: np.ndarray, neg_sorted: np.ndarray):
     return levels, tp, fp
 
 
-def _best_cut(pos_sorted: np.ndarray, neg_sorted: np.ndarray, n_true: int) -> tuple[float, np.generic]:
-    """Dice-optimal prediction ``x >= u`` over the distinct positive values u: (dice, u).
-
-    Lowering the cut below a positive value only adds false positives, so these cuts are all the
-    candidates. Ties go to the highest cut (fewest predicted voxels).
-    """
-    levels, tp, fp = _positive_levels(pos_sorted, neg_sorted)
-    dice = 2.0 * tp / (tp + fp + n_true)
-    best = levels.size - 1 - int(np.argmax(dice[::-1]))
-    return float(dice[best]), levels[best]
-
-
-def _threshold_below(level: np.generic, pos_sorted: np.ndarray, neg_sorted: np.ndarray, rest=None) -> float:
+def _threshold_below(level: np.generic, pos_sorted: np.ndarray, neg_sorted: np.ndarray) -> float:
     """Threshold t with ``x > t`` <=> ``x >= level``: the largest value below ``level``.
 
-    Looked up in the sorted arrays, then in ``rest`` (values left out of them) if given; just
-    below ``level`` when nothing is smaller (every voxel is predicted).
+    Looked up in the sorted arrays; just below ``level`` when nothing is smaller (every voxel is predicted).
     """
     found = None
     for array in (pos_sorted, neg_sorted):
         i = int(np.searchsorted(array, level, side="left"))
         if i > 0 and (found is None or array[i - 1] > found):
             found = array[i - 1]
-    if found is None and rest is not None:
-        smaller = rest[rest < level]
-        found = smaller.max() if smaller.size else None
     if found is None:
         found = np.nextafter(level, type(level)(-np.inf))
     return float(found)
@@ -302,36 +291,19 @@ def _suffix_sum(counts: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _filled_sizes_by_regionprops(labels: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Filled sizes of the candidate components, one bounding box at a time (any component size)."""
-    from skimage.measure import regionprops
-
-    wanted = set(candidates.tolist())
-    sizes = {prop.label: prop.area_filled for prop in regionprops(labels) if prop.label in wanted}
-    return np.array([sizes[c] for c in candidates.tolist()], dtype=np.int64)
-
-
 def remove_small_components(binary, max_size: int = SMALL_COMPONENT_SIZE) -> np.ndarray:
-    """Drop 3D 26-connected components whose filled size is <= ``max_size`` voxels.
+    """Drop 3D 26-connected components of at most ``max_size`` voxels (0 to 25).
 
-    The filled size is skimage's ``area_filled`` (holes filled with 26-connected background), as in
-    the reference. Such a hole needs all 26 neighbours of a voxel inside the component, so below
-    26 voxels the filled size is the size and one ``bincount`` decides; larger ``max_size`` values
-    fall back to one bounding box per small component.
+    The reference counts skimage's ``area_filled`` (holes filled); a hole needs all 26 neighbours of a voxel inside
+    the component, so below 26 voxels the filled size is the size and one ``bincount`` decides.
     """
+    if not 0 <= max_size < 26:
+        raise ValueError(f"remove_small_components: max_size must lie in [0, 25], got {max_size}.")
     binary = _volume(binary, "binary") > 0
     labels, count = ndi.label(binary, structure=_FULL_3D)
-    if count == 0:
-        return binary
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    small = np.flatnonzero(sizes[1:] <= max_size) + 1
-    if small.size == 0:
-        return binary
-    if max_size >= 26:
-        small = small[_filled_sizes_by_regionprops(labels, small) <= max_size]
-    remove = np.zeros(count + 1, dtype=bool)
-    remove[small] = True
-    return binary & ~remove[labels]
+    small = np.bincount(labels.ravel(), minlength=count + 1) <= max_size
+    small[0] = False  # the background
+    return binary & ~small[labels]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,14 +414,12 @@ def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str =
     return out
 
 
-def volume_metrics(
-    residual, seg, brain_mask, threshold: float, region: str = "brain", best_dice_method: str = "exact"
-) -> dict:
+def volume_metrics(residual, seg, brain_mask, threshold: float, region: str = "brain") -> dict:
     """All per-volume metrics of the protocol for a post-processed residual (see ``postprocess_residual``).
 
     ``threshold_metrics`` at ``threshold``, plus threshold-free scores on the voxels of ``region``:
-    best_dice / best_threshold (``find_best_threshold`` on this volume alone, without component
-    removal, ``best_dice_method`` "exact" or the reference's "bisection"), pixel auroc / auprc,
+    best_dice / best_threshold (the "exact" ``find_best_threshold`` on this volume alone, without component
+    removal), pixel auroc / auprc,
     slice_auroc / slice_auprc of the slice scores (``slice_scores``) against "slice holds lesion",
     volume_score (mean residual in the brain) and lesion_voxels. With ``region="brain"`` slices
     without brain are left out of the slice metrics; with ``"volume"`` they score 0 like in the
@@ -459,14 +429,7 @@ def volume_metrics(
     row = threshold_metrics(residual, seg, mask, threshold, region)
 
     values, labels = residual[roi], seg[roi]
-    if not np.issubdtype(values.dtype, np.floating):
-        values = values.astype(np.float64)
-    pos_sorted, neg_sorted = np.sort(values[labels]), np.sort(values[~labels])
-    if best_dice_method == "exact" and pos_sorted.size:
-        best_dice, level = _best_cut(pos_sorted, neg_sorted, pos_sorted.size)
-        best_threshold = _threshold_below(level, pos_sorted, neg_sorted)
-    else:
-        best_dice, best_threshold = find_best_threshold(values, labels, best_dice_method)
+    best_dice, best_threshold = find_best_threshold(values, labels, "exact")
     auroc, auprc = auroc_auprc(values, labels)
 
     scores = slice_scores(residual, mask)
@@ -497,39 +460,20 @@ def volume_metrics(
 # ----------------------------------------------------------------------------------------------
 
 
-def fpr_thresholds(healthy_residuals, brain_masks, rates: Iterable[float] = DEFAULT_FPR_RATES) -> dict:
-    """Thresholds t with at most ``rate`` of the healthy in-brain voxels above t: ``{rate: t}``.
-
-    t is the smallest residual value that keeps ``#(x > t) <= floor(rate * n)``, i.e. the
-    (n - floor(rate n))-th smallest value: the same threshold the reference read off sklearn's ROC
-    curve of all-healthy voxels. ``healthy_residuals`` / ``brain_masks``: one volume or a list.
-    """
-    if isinstance(healthy_residuals, np.ndarray) and healthy_residuals.ndim == 3:
-        healthy_residuals, brain_masks = [healthy_residuals], [brain_masks]
-    healthy_residuals, brain_masks = list(healthy_residuals), list(brain_masks)
-    if len(healthy_residuals) != len(brain_masks) or not healthy_residuals:
-        raise ValueError(
-            f"fpr_thresholds: need as many brain masks as residual volumes (got {len(healthy_residuals)} "
-            f"and {len(brain_masks)}), and at least one."
-        )
-    pooled = []
-    for i, (residual, mask) in enumerate(zip(healthy_residuals, brain_masks)):
-        residual, mask = _volume(residual, f"healthy_residuals[{i}]"), _volume(mask, f"brain_masks[{i}]") > 0
-        _same_shape(residual, mask, f"healthy_residuals[{i}] / brain_masks[{i}]")
-        pooled.append(residual[mask])
-    return thresholds_at_fpr(np.concatenate(pooled), rates)
-
-
 def thresholds_at_fpr(values, rates: Iterable[float] = DEFAULT_FPR_RATES) -> dict:
-    """``fpr_thresholds`` of already pooled healthy values (any region): ``{rate: t}``."""
+    """Thresholds t with at most ``rate`` of the pooled healthy ``values`` above t: ``{rate: t}``.
+
+    t is the smallest value that keeps ``#(x > t) <= floor(rate * n)``, i.e. the (n - floor(rate n))-th smallest
+    value: the same threshold the reference read off sklearn's ROC curve of all-healthy voxels.
+    """
     values = np.asarray(values).ravel()
     n = values.size
     if n == 0:
-        raise ValueError("fpr_thresholds: no healthy value to pool (empty brain masks?).")
+        raise ValueError("thresholds_at_fpr: no healthy value to pool (empty brain masks?).")
     out = {}
     for rate in rates:
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"fpr_thresholds: rates must lie in [0, 1), got {rate}.")
+            raise ValueError(f"thresholds_at_fpr: rates must lie in [0, 1), got {rate}.")
         allowed = math.floor(rate * n + 1e-9)  # voxels that may lie above the threshold
         kth = n - allowed - 1
         out[rate] = float(np.partition(values, kth)[kth])

@@ -17,6 +17,7 @@ Writes ``metrics.json``, ``per_volume.csv`` and one ``<dataset>_grid.png`` per l
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,7 @@ from custom_components.utils import as_bool, check_choice, json_safe, mlflow_met
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROTOCOLS", "THRESHOLD_METHODS", "HEALTHY_DATASET", "read_manifest", "iter_maps", "residual_map",
+__all__ = ["PROTOCOLS", "THRESHOLD_METHODS", "HEALTHY_DATASET", "read_manifest", "iter_maps",
            "reconstruction_errors", "score_maps", "flat_metrics", "fpr_label"]
 
 PROTOCOLS = ("reference", "project")
@@ -56,8 +57,6 @@ def read_manifest(maps_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {maps_dir} is not a finished maps folder. Write one with "
                                 "cond_ddpm's evaluate.yaml (--output_dir MAPS_DIR), then score it.")
-    import json
-
     manifest = json.loads(path.read_text())
     if not isinstance(manifest.get("splits"), dict):
         raise ValueError(f"{path} lists no splits.")
@@ -86,11 +85,6 @@ def iter_maps(maps_dir, split: str, names: Sequence[str], kinds=("image", "recon
 # ----------------------------------------------------------------------------------------------
 # per volume
 # ----------------------------------------------------------------------------------------------
-
-
-def residual_map(image, reconstruction, mask, median_size: int = 5) -> np.ndarray:
-    """The post-processed residual of one volume: |image - reconstruction| x eroded brain mask, median filtered."""
-    return M.postprocess_residual(np.abs(image - reconstruction).astype(np.float32), mask > 0, median_size)
 
 
 def reconstruction_errors(image, reconstruction, seg=None) -> dict[str, float]:
@@ -195,7 +189,7 @@ def score_maps(
                 item["reconstruction"] = np.zeros_like(item["image"])
             elif clamp:
                 item["reconstruction"] = np.clip(item["reconstruction"], 0, 1)
-            item["residual"] = residual_map(item["image"], item["reconstruction"], item["mask"], median_size)
+            item["residual"] = M.residual_map(item["image"], item["reconstruction"], item["mask"], median_size)
             item["roi"] = item["mask"] > 0 if region == "brain" else np.ones(item["mask"].shape, bool)
             yield item
 
@@ -236,6 +230,8 @@ def score_maps(
                  "thresholds": {**methods, "found_on": val_split, "n_val_volumes": len(splits[val_split]["volumes"]),
                                 "n_val_voxels": int(values.size), "val_lesion_voxels": int(labels.sum())}}
         del values, labels
+        other_thresholds = {**{f"{m}_": found["threshold"] for m, found in methods.items() if m != threshold_method},
+                            **{f"fpr{label}_": t for label, t in fpr.items()}}
         test_split = by_role.get((dataset, "test"))
         grid, test_rows = _Grid(grid_slices), []
         for item in volumes(test_split) if test_split else ():
@@ -246,13 +242,9 @@ def score_maps(
                 raise ValueError(f"{test_split} volume {item['name']}: {e}") from e
             row = {"dataset": dataset, "split": test_split, "name": item["name"], "threshold": chosen["threshold"], **row,
                    **reconstruction_errors(item["image"], item["reconstruction"], seg)}
-            for method, found in methods.items():
-                if method != threshold_method:
-                    at = M.threshold_metrics(item["residual"], seg, item["mask"], found["threshold"], region, False)
-                    row.update({f"{method}_{k}": v for k, v in at.items()})
-            for label, t in fpr.items():
-                at = M.threshold_metrics(item["residual"], seg, item["mask"], t, region, False)
-                row.update({f"fpr{label}_{k}": v for k, v in at.items()})
+            for prefix, t in other_thresholds.items():  # no Hausdorff: the slow one, as in the reference
+                at = M.threshold_metrics(item["residual"], seg, item["mask"], t, region, hausdorff=False)
+                row.update({f"{prefix}{k}": v for k, v in at.items()})
             test_rows.append(row)
             prediction = M.segment(item["residual"], chosen["threshold"], item["roi"])
             grid.offer(item["name"], item["image"], item["reconstruction"], item["residual"], prediction, item["seg"])

@@ -13,9 +13,8 @@ from monai.bundle import ConfigWorkflow
 
 from custom_components.evaluation import VolumeReconstructionInferer
 from custom_components.data import load_split
-from custom_components.metrics import segment
-from custom_components.scoring import (PROTOCOLS, THRESHOLD_METHODS, fpr_label, reconstruction_errors, residual_map,
-                                       score_maps)
+from custom_components.metrics import residual_map, segment
+from custom_components.scoring import PROTOCOLS, THRESHOLD_METHODS, fpr_label, reconstruction_errors, score_maps
 from custom_components.inference import InputError, PrepareInputd, check_volume, inference_items, resolve_threshold
 from tests.conftest import REPO, run_bundle
 
