@@ -17,7 +17,6 @@ import platform
 import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -216,41 +215,86 @@ def default_tracking_uri(workdir) -> str:
 # ------------------------------------------------------------------------------------------------------
 # running
 # ------------------------------------------------------------------------------------------------------
-def run_stage(stage: Stage, log_file: Path, verbose: bool = False) -> None:
-    """Run the stage's command from the repository root, output to ``log_file`` (and the console if verbose)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
-           "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # it would take priority over the demo's --tracking_uri
+# The stages' commands run in processes forked from a server that has imported torch, MONAI, ignite and MLflow
+# once (multiprocessing's forkserver): each stage skips those imports, several CPU-seconds apiece, and is still
+# exactly its printed command (``runpy`` runs the same module with the same arguments) in a process of its own.
+PRELOAD = ["torch", "monai", "monai.bundle", "ignite.engine", "mlflow", "custom_components.data",
+           "custom_components.networks.diffusion_unet"]
+_SERVER = None
+
+
+def _stage_server():
+    global _SERVER
+    if _SERVER is None:
+        import multiprocessing
+
+        _SERVER = multiprocessing.get_context("forkserver")
+        _SERVER.set_forkserver_preload(PRELOAD)
+    return _SERVER
+
+
+def _run_command(command: list[str], log_file: str, cpu) -> None:
+    """Stage process: ``python -m <module> <args>`` of ``command``, run in place, output appended to ``log_file``;
+    sends its CPU seconds (its own and its children's) through ``cpu`` at the end, whatever the outcome."""
+    import io
+    import runpy
+
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", 0), write_through=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", 0), write_through=True)
+    os.chdir(REPO)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # it would take priority over the demo's --tracking_uri
+    sys.path.insert(0, str(REPO))
+    sys.argv = [command[2], *command[3:]]
+    try:
+        runpy.run_module(command[2], run_name="__main__", alter_sys=True)
+    finally:
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        cpu.send(sum(u.ru_utime + u.ru_stime for u in usage))
+
+
+def _echo(stream) -> None:
+    if chunk := stream.read():
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+
+def run_stage(stage: Stage, log_file: Path, verbose: bool = False) -> float:
+    """Run the stage's command (``python -m module args``) from the repository root, output appended to
+    ``log_file`` (and shown on the console if verbose); returns the CPU seconds it took."""
+    if stage.command[:2] != [sys.executable, "-m"]:
+        raise DemoError(f"stage {stage.name}: not a `python -m` command: {_display(stage.command)}")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         log.write(f"\n$ {_display(stage.command)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(stage.command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = _stage_server()
+    receive, send = server.Pipe(duplex=False)
+    process = server.Process(target=_run_command, args=(stage.command, str(log_file), send), name=stage.name)
+    with open(log_file, "rb") as shown:
+        shown.seek(0, os.SEEK_END)
         try:
-            while chunk := os.read(process.stdout.fileno(), 65536):
-                log.write(chunk)
+            process.start()
+            while process.is_alive():
+                process.join(0.2)
                 if verbose:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-            code = process.wait()
+                    _echo(shown)
+            if verbose:
+                _echo(shown)
         except BaseException:
             process.kill()
-            process.wait()
+            process.join()
             raise
-    if code != 0:
+    cpu_seconds = receive.recv() if receive.poll() else 0.0
+    if process.exitcode != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
-        raise DemoError(f"stage {stage.name} failed (exit code {code}); full log: {log_file}\n"
+        raise DemoError(f"stage {stage.name} failed (exit code {process.exitcode}); full log: {log_file}\n"
                         f"command: {_display(stage.command)}\n--- last lines ---\n{tail}")
     missing = [str(p) for p in stage.outputs if not p.exists()]
     if missing:
         raise DemoError(f"stage {stage.name} finished but did not write {missing}; log: {log_file}")
-
-
-def _children_cpu_seconds() -> float:
-    """User + system CPU time of the finished child processes: a stage's cost that other jobs on the machine
-    do not inflate as they inflate its wall time."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return cpu_seconds
 
 
 def _clear(path: Path) -> None:
@@ -285,11 +329,12 @@ def _check_workdir(workdir: Path, settings: dict, force: bool, state_file: str) 
 
 
 def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = False, verbose: bool = False,
-               runner: Callable[[Stage, Path, bool], None] = run_stage, tracker: Tracker | None = None,
+               runner: Callable[[Stage, Path, bool], float | None] = run_stage, tracker: Tracker | None = None,
                state_file: str = STATE_FILE) -> dict:
     """Run every unfinished stage in order, recording each in ``state`` (``open_workdir``); returns ``state``.
 
-    ``runner(stage, log_file, verbose)`` executes one stage (the default runs its command); a stage counts
+    ``runner(stage, log_file, verbose)`` executes one stage and returns its CPU seconds (the default runs its
+    command); a stage counts
     as done when its outputs exist and it was recorded as finished; once a stage runs, every later stage
     runs again from a clean folder, since its inputs changed; an interrupted resumable stage continues.
     """
@@ -311,12 +356,12 @@ def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = Fa
                 tracker.end_unfinished(stage.name)
         print(f"[{stage.name}] {stage.description}\n  $ {_display(stage.command)}", flush=True)
         earlier = record.get("partial_seconds", 0.0) if resume else 0.0  # time of the interrupted attempts
-        start, cpu_start = time.perf_counter(), _children_cpu_seconds()
+        start = time.perf_counter()
         state["stages"][stage.name] = {"finished": False, "command": _display(stage.command),
                                        "partial_seconds": earlier}
         write_json_atomic(workdir / state_file, state)
         try:
-            runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
+            cpu_seconds = runner(stage, workdir / "logs" / f"{stage.name}.log", verbose)
         except BaseException:
             state["stages"][stage.name]["partial_seconds"] = round(earlier + time.perf_counter() - start, 1)
             write_json_atomic(workdir / state_file, state)
@@ -325,7 +370,7 @@ def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = Fa
         if tracker:
             tracker.after_stage(stage, workdir, seconds)
         state["stages"][stage.name] = {"finished": True, "seconds": round(seconds, 1),
-                                       "cpu_seconds": round(_children_cpu_seconds() - cpu_start, 1),
+                                       "cpu_seconds": round(cpu_seconds or 0.0, 1),
                                        "command": _display(stage.command)}
         write_json_atomic(workdir / state_file, state)
         upstream_ran = True
@@ -334,7 +379,7 @@ def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = Fa
 
 
 def run_demo(workdir, force: bool = False, seed: int = 0, size: str = "default", verbose: bool = False,
-             tracking_uri: str | None = None, runner: Callable[[Stage, Path, bool], None] = run_stage,
+             tracking_uri: str | None = None, runner: Callable[[Stage, Path, bool], float | None] = run_stage,
              report: bool = True) -> Path:
     """Run every unfinished stage of the demo in ``workdir`` (``run_stages``) and write ``summary.json`` and
     ``report.md``. Returns the summary path."""
@@ -391,7 +436,7 @@ def over_seeds(rows: dict[int, dict]) -> dict[str, dict]:
 
 
 def run_seeds(workdir, seeds, force: bool = False, size: str = "default", verbose: bool = False,
-              runner: Callable[[Stage, Path, bool], None] = run_stage) -> Path:
+              runner: Callable[[Stage, Path, bool], float | None] = run_stage) -> Path:
     """The demo once per seed in ``workdir/seed<N>`` (data, training and evaluation all seeded), then
     ``workdir/seeds.json`` and ``workdir/report.md``: every seed's headline numbers and their mean ± std."""
     workdir, seeds = Path(workdir).expanduser().absolute(), [int(s) for s in seeds]

@@ -267,3 +267,21 @@ def test_several_seeds_give_mean_and_std_of_each_seeds_numbers(tmp_path):
     assert "[seed 1](seed1/report.md)" in report
     with pytest.raises(D.DemoError, match="distinct"):
         D.run_seeds(tmp_path / "x", [1, 1], size="tiny", runner=ScoringRunner())
+
+
+def test_stage_runs_its_command_in_a_process_of_its_own(tmp_path):
+    log = tmp_path / "logs" / "stage.log"
+    ok = D.Stage("ok", [sys.executable, "-m", "platform"], outputs=[], folder=tmp_path / "ok")
+    cpu = D.run_stage(ok, log)
+    import platform
+
+    assert platform.platform() in log.read_text() and "$ python -m platform" in log.read_text()
+    assert cpu > 0
+    bad = D.Stage("bad", [sys.executable, "-m", "custom_components", "demo_data", "--out", str(tmp_path / "d"),
+                          "--n_ixi=1"], outputs=[], folder=tmp_path / "d")
+    with pytest.raises(D.DemoError, match=r"(?s)stage bad failed \(exit code 1\).*n_ixi must be at least"):
+        D.run_stage(bad, log)
+    missing = D.Stage("missing", [sys.executable, "-m", "platform"], outputs=[tmp_path / "never.json"],
+                      folder=tmp_path / "m")
+    with pytest.raises(D.DemoError, match="did not write"):
+        D.run_stage(missing, log)
