@@ -51,7 +51,6 @@ SPACING_TOLERANCE = 0.05
 SHAPE_RANGE = (96, 512)  # voxels per axis of a 1 mm brain volume
 MIN_BRAIN_VOXELS = 10_000  # 10 ml; an adult brain at 1 mm has about 1.2 million voxels
 MODALITY_SUFFIXES = ("_t2", "_t1", "_flair", "_T2", "_T1", "_FLAIR", "_image", "_img")
-OUTPUT_SUFFIXES = ("_anomaly", "_seg", "_overlay")
 
 
 class InputError(ValueError):

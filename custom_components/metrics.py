@@ -137,11 +137,16 @@ def residual_map(image, reconstruction, brain_mask, median_size: int = 5) -> np.
 # ----------------------------------------------------------------------------------------------
 
 
-def _pooled(residuals, labels) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(residuals).ravel()
-    y = np.asarray(labels).ravel() > 0
+def _flat(values, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` and ``labels > 0`` as flat arrays of one length."""
+    x, y = np.asarray(values).ravel(), np.asarray(labels).ravel() > 0
     if x.size != y.size:
-        raise ValueError(f"find_best_threshold: {x.size} residual values but {y.size} labels.")
+        raise ValueError(f"{name}: {x.size} values but {y.size} labels.")
+    return x, y
+
+
+def _pooled(residuals, labels) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _flat(residuals, labels, "find_best_threshold")
     if x.size == 0:
         raise ValueError("find_best_threshold: no voxels given.")
     if x.dtype not in (np.float32, np.float64):
@@ -212,9 +217,7 @@ def find_best_threshold(residuals, labels, method: str = "bisection", steps: int
     becomes (p, 1).
     ``"exact"`` returns the true optimum over all distinct residual values (ties: the highest
     threshold); the threshold is a residual value, or just below the smallest one when predicting
-    every voxel is best. A histogram pass bounds where the optimum can lie, and only the voxels
-    there are sorted: O(n) plus a small sort. With no positive voxel the Dice is NaN (threshold =
-    max residual).
+    every voxel is best. With no positive voxel the Dice is NaN (threshold = max residual).
     """
     x, y = _pooled(residuals, labels)
     if method == "bisection":
@@ -226,64 +229,22 @@ def find_best_threshold(residuals, labels, method: str = "bisection", steps: int
     raise ValueError(f"find_best_threshold: method must be 'bisection' or 'exact', got {method!r}.")
 
 
-_SEARCH_BINS = 1 << 14
-
-
 def _exact(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Dice-optimal threshold over all distinct residual values (prediction = x > threshold).
 
-    Branch and bound on a histogram, then an exact sort-based search where it can matter:
-    1. counts of all and of positive voxels in ``_SEARCH_BINS`` value bins (bin index monotone in x);
-    2. every "bins >= i" prediction is a threshold prediction, so its Dice is a lower bound L;
-    3. a cut at a positive value u in bin i has TP <= #pos in bins >= i and at least the voxels of
-       bins > i plus u itself predicted: bins whose bound is below L cannot hold the optimum;
-    4. the voxels of the remaining bins are sorted and every distinct positive value there is
-       scored exactly, adding the counts of the bins above it.
+    The candidates are the cuts ``x >= u`` at the distinct positive values u (lowering a cut below a positive value
+    only adds false positives), scored from the sorted positives and negatives; ties go to the highest cut.
     """
-    n_true = int(np.count_nonzero(y))
-    low, high = x.min(), x.max()
-    if not (np.isfinite(low) and np.isfinite(high)):
+    high = x.max()
+    if not (np.isfinite(x.min()) and np.isfinite(high)):
         raise ValueError("find_best_threshold: residuals contain NaN or Inf values.")
-    if n_true == 0:
+    pos_sorted, neg_sorted = np.sort(x[y]), np.sort(x[~y])
+    if pos_sorted.size == 0:
         return math.nan, float(high)
-    # bin index: monotone in the value (rounding is monotone) and <= _SEARCH_BINS - 1 by construction
-    scale = (_SEARCH_BINS - 1) / (float(high) - float(low)) if high > low else 0.0
-
-    def bin_of(values: np.ndarray) -> np.ndarray:
-        return ((values - low) * scale).astype(np.intp)
-
-    bins = bin_of(x)
-    count_all = np.bincount(bins, minlength=_SEARCH_BINS)
-    count_pos = np.bincount(bin_of(x[y]), minlength=_SEARCH_BINS)
-    all_above = _suffix_sum(count_all) - count_all  # voxels in bins > i
-    pos_above = _suffix_sum(count_pos) - count_pos
-    lower_bound = np.max(2.0 * (pos_above + count_pos) / (all_above + count_all + n_true))
-    upper_bound = 2.0 * (pos_above + count_pos) / (all_above + 1 + n_true)
-    chosen = (count_pos > 0) & (upper_bound >= lower_bound * (1 - 1e-9))
-    # with each bin, the closest non-empty bin below it: it holds the threshold that writes "x >= u"
-    nonempty_index = np.where(count_all > 0, np.arange(_SEARCH_BINS), -1)
-    closest_below = np.concatenate([[-1], np.maximum.accumulate(nonempty_index)[:-1]])
-    helpers = closest_below[chosen]
-    chosen[helpers[helpers >= 0]] = True
-
-    take = chosen[bins]
-    values, labels = x[take], y[take]
-    pos_sorted, neg_sorted = np.sort(values[labels]), np.sort(values[~labels])
-    levels, tp_taken, fp_taken = _positive_levels(pos_sorted, neg_sorted)
-    level_bins = bin_of(levels)
-    # voxels at >= u: all voxels in bins above u's bin, plus the taken ones of u's own bin
-    taken_all_above = _suffix_sum(count_all * chosen) - count_all * chosen
-    taken_pos_above = _suffix_sum(count_pos * chosen) - count_pos * chosen
-    tp = pos_above[level_bins] + tp_taken - taken_pos_above[level_bins]
-    predicted = all_above[level_bins] + tp_taken + fp_taken - taken_all_above[level_bins]
-    dice = 2.0 * tp / (predicted + n_true)
-    best = levels.size - 1 - int(np.argmax(dice[::-1]))  # ties: the highest cut
+    levels, tp, fp = _positive_levels(pos_sorted, neg_sorted)
+    dice = 2.0 * tp / (tp + fp + pos_sorted.size)
+    best = levels.size - 1 - int(np.argmax(dice[::-1]))
     return float(dice[best]), _threshold_below(levels[best], pos_sorted, neg_sorted)
-
-
-def _suffix_sum(counts: np.ndarray) -> np.ndarray:
-    """``out[i] = counts[i:].sum()``."""
-    return np.cumsum(counts[::-1])[::-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,10 +275,7 @@ def remove_small_components(binary, max_size: int = SMALL_COMPONENT_SIZE) -> np.
 def auroc_auprc(scores, labels) -> tuple[float, float]:
     """sklearn's ``roc_auc_score`` / ``average_precision_score`` of ``scores`` against ``labels > 0``; NaN where
     they are undefined (AUROC without both classes, AP without positives) instead of an error or a warning."""
-    scores = np.asarray(scores).ravel()
-    labels = np.asarray(labels).ravel() > 0
-    if scores.size != labels.size:
-        raise ValueError(f"auroc_auprc: {scores.size} scores but {labels.size} labels.")
+    scores, labels = _flat(scores, labels, "auroc_auprc")
     if not labels.any():
         return math.nan, math.nan
     auprc = float(average_precision_score(labels, scores))
