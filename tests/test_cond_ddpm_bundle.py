@@ -13,7 +13,8 @@ from tests.conftest import REPO, run_bundle
 BUNDLE = "cond_ddpm"
 DEMO = ["common.yaml", "train.yaml", "demo.yaml"]
 TINY = ["--channels", "[8,16,16]", "--slices_per_volume", "8", "--batch_size", "16", "--learning_rate", "0.002",
-        "--num_workers", "0"]
+        "--num_workers", "0", "--val_interval", "1",
+        "--encoder_depth", "18"]
 
 
 def _val_losses(log: str) -> dict[int, float]:

@@ -11,7 +11,8 @@ from tests.conftest import REPO, run_bundle
 
 BUNDLE = "contrastive_encoder"
 DEMO = ["common.yaml", "train.yaml", "demo.yaml"]
-SMALL = ["--epochs", "1", "--batch_size", "8", "--slices_per_volume", "2", "--num_workers", "0"]
+SMALL = ["--epochs", "1", "--batch_size", "8", "--slices_per_volume", "2", "--num_workers", "0", "--val_interval", "1",
+         "--depth", "18"]
 
 
 def test_train_writes_model_then_resumes(demo_root, cache_dir, tmp_path):
@@ -35,7 +36,7 @@ def test_train_writes_model_then_resumes(demo_root, cache_dir, tmp_path):
 def test_missing_dataset_or_fold_gives_clear_error(demo_root, tmp_path):
     with pytest.raises(AssertionError, match=r"dataset_dir .*nowhere does not exist"):
         run_bundle(DEMO, BUNDLE, "--dataset_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path))
-    with pytest.raises(AssertionError, match=r"No split file .*IXI_train_fold7\.csv"):
+    with pytest.raises(AssertionError, match=r"No split file .*IXI_(train|val)_fold7\.csv"):
         run_bundle(DEMO, BUNDLE, "--dataset_dir", str(demo_root), "--fold", "7", "--output_dir", str(tmp_path))
 
 

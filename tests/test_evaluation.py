@@ -194,9 +194,9 @@ def test_volume_inferer_scales_and_keeps_slice_order():
     identity = _Recorder(lambda x: x)
     out = VolumeReconstructionInferer(identity)(volumes, network=None)
     assert out.shape == volumes.shape and torch.allclose(out, volumes, atol=1e-6)
-    # the slice batch holds volume n's slice z at n * D + z, scaled to [-1, 1]
-    assert identity.seen.shape == (10, 1, 8, 6)
-    assert torch.allclose(identity.seen[1 * 5 + 3], volumes[1, :, :, :, 3] * 2 - 1)
+    # one slice batch per volume, its D slices in order, scaled to [-1, 1] (the last call: volume 1)
+    assert identity.seen.shape == (5, 1, 8, 6)
+    assert torch.allclose(identity.seen[3], volumes[1, :, :, :, 3] * 2 - 1)
     black = VolumeReconstructionInferer(_Recorder(lambda x: x * 0 - 1))  # -1 in the diffusion range is 0
     assert torch.equal(black(volumes, None), torch.zeros_like(volumes))
     overshoot = VolumeReconstructionInferer(_Recorder(lambda x: x * 0 + 5))  # clipped to 1
