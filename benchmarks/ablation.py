@@ -92,7 +92,7 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
     if any(VARIANTS[v]["pretrained_encoder"] for v in variants):
         enc = {**profile["encoder"], **({"epochs": encoder_epochs, "val_interval": encoder_epochs}
                                         if encoder_epochs else {})}
-        jobs.append(Job(Stage("encoder", bundle_command("contrastive_encoder", ["train.yaml", "demo.yaml"], {
+        jobs.append(Job(Stage("encoder", bundle_command("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"], {
             **common, "output_dir": workdir / "encoder", **enc}),
             outputs=[encoder], folder=workdir / "encoder", description="contrastive encoder pretraining"),
             depends=data_deps))
@@ -109,11 +109,11 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
             train_ids["encoder_ckpt"] = encoder
         maps, eval_dir, nova = v / "eval" / "maps", v / "eval" / "model", v / "nova"
         jobs += [
-            Job(Stage(f"{variant}_train", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml"], train_ids),
+            Job(Stage(f"{variant}_train", bundle_command("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml"], train_ids),
                       outputs=[ckpt], folder=v / "cond_ddpm",
                       description=f"cond_ddpm training: {DESCRIPTIONS[variant]}"),
                 depends=data_deps + (["encoder"] if spec["pretrained_encoder"] else [])),
-            Job(Stage(f"{variant}_maps", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+            Job(Stage(f"{variant}_maps", bundle_command("cond_ddpm", ["common.yaml", "evaluate.yaml", "demo.yaml"], {
                 **common, "output_dir": maps, "ckpt_path": ckpt, **ids, **profile["evaluate"]}),
                 outputs=[maps / "maps.json"], folder=maps, description=f"evaluation maps: {variant}"),
                 depends=[f"{variant}_train"]),
@@ -121,7 +121,7 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
                 "maps_dir": maps, "output_dir": eval_dir, **profile["score"]}),
                 outputs=[eval_dir / "metrics.json"], folder=eval_dir, description=f"evaluation scores: {variant}"),
                 depends=[f"{variant}_maps"]),
-            Job(Stage(f"{variant}_nova_predict", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
+            Job(Stage(f"{variant}_nova_predict", bundle_command("nova_eval", ["common.yaml", "inference.yaml", "demo.yaml"], {
                 "dataset_dir": data, "ckpt_path": ckpt, "output_dir": nova,
                 "predictions_file": nova / "predictions.json", "seed": seed, **ids, **profile["nova"]}),
                 outputs=[nova / "predictions.json"], folder=nova, description=f"NOVA boxes: {variant}"),

@@ -13,7 +13,7 @@ intensity units, mean over brain voxels:
 * ``change``: |own - swapped| reconstruction, and ``change / error own``.
 
     python benchmarks/condition_use.py --maps_dir W/eval/maps --ckpt W/cond_ddpm/model.pt [--split IXI_test]
-        [--configs train.yaml,demo.yaml] [--slices_per_volume 16] [--seed 0]
+        [--configs common.yaml,demo.yaml] [--slices_per_volume 16] [--seed 0]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maps_dir", required=True, type=Path, help="cond_ddpm evaluate.yaml's output folder")
     parser.add_argument("--ckpt", required=True, type=Path, help="cond_ddpm's models/model.pt")
     parser.add_argument("--split", default="IXI_test", help="a healthy split saved in the maps")
-    parser.add_argument("--configs", default="train.yaml,demo.yaml", help="cond_ddpm configs naming the network")
+    parser.add_argument("--configs", default="common.yaml,demo.yaml", help="cond_ddpm configs naming the network")
     parser.add_argument("--slices_per_volume", type=int, default=16)
     parser.add_argument("--timesteps", default="250,500,750")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for both conditions)")

@@ -64,9 +64,9 @@ def network_settings(size: str) -> dict:
             merged.update(yaml.safe_load((REPO / "bundles" / bundle / "configs" / name).read_text()) or {})
         return merged
 
-    encoder = {**ids("contrastive_encoder", ["train.yaml", "demo.yaml"]), **PROFILES[size]["encoder"]}
-    ddpm = {**ids("cond_ddpm", ["train.yaml", "demo.yaml"]), **PROFILES[size]["network"]}
-    paper = ids("cond_ddpm", ["train.yaml"])
+    encoder = {**ids("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"]), **PROFILES[size]["encoder"]}
+    ddpm = {**ids("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml"]), **PROFILES[size]["network"]}
+    paper = ids("cond_ddpm", ["common.yaml", "train.yaml"])
     return {
         "contrastive_encoder": f"ResNet-{encoder.get('depth')}",
         "conditioning_encoder": f"ResNet-{ddpm.get('encoder_depth')}",
@@ -166,18 +166,18 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
                        f"--seed={seed}", *data_args],
               outputs=[data / "demo_data.json"], folder=data,
               description="synthetic IXI / BraTS21 / MSLUB volumes and NOVA images in the real layout"),
-        Stage("encoder", bundle_command("contrastive_encoder", ["train.yaml", "demo.yaml"], {
+        Stage("encoder", bundle_command("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"], {
                   **common, "output_dir": w / "encoder", **profile["encoder"], **tracking("encoder")}),
               outputs=[w / "encoder" / "model.pt"], folder=w / "encoder",
               description="target-invariant contrastive encoder pretraining on healthy IXI slices", resumable=True),
-        Stage("cond_ddpm", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml"], {
+        Stage("cond_ddpm", bundle_command("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml"], {
                   **common, "output_dir": w / "cond_ddpm", "encoder_ckpt": w / "encoder" / "model.pt",
                   **profile["network"], **profile["cond_ddpm"], **tracking("cond_ddpm")}),
               outputs=[ddpm], folder=w / "cond_ddpm",
               description="conditional DDPM trained on healthy IXI slices, conditioned on the encoder", resumable=True),
     ]
     maps = w / "eval" / "maps"
-    stages.append(Stage("maps", bundle_command("cond_ddpm", ["train.yaml", "demo.yaml", "evaluate.yaml"], {
+    stages.append(Stage("maps", bundle_command("cond_ddpm", ["common.yaml", "evaluate.yaml", "demo.yaml"], {
         **common, "output_dir": maps, "ckpt_path": ddpm, **profile["network"], **profile["evaluate"],
         **tracking("maps")}), outputs=[maps / "maps.json"], folder=maps,
         description="reconstructions and residual maps of the IXI, BraTS-like and MSLUB-like val and test splits"))
@@ -191,7 +191,7 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
     for suffix, protocol in (("", "reference"), ("_project", "project")):  # the published recipe, then ours
         nova = w / f"nova{suffix}"
         stages += [
-            Stage(f"nova_predict{suffix}", bundle_command("nova_eval", ["inference.yaml", "demo.yaml"], {
+            Stage(f"nova_predict{suffix}", bundle_command("nova_eval", ["common.yaml", "inference.yaml", "demo.yaml"], {
                       "dataset_dir": data, "ckpt_path": ddpm, "output_dir": nova, "protocol": protocol,
                       "cache_dir": cache, "fold": 0, "predictions_file": nova / "predictions.json",
                       "save_overlays": True, "seed": seed, **profile["network"], **profile["nova"],

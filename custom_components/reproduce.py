@@ -64,16 +64,16 @@ def plan(data_root, workdir, folds=None, nova_fold: int | None = None, protocol:
         f = w / f"fold{k}"
         encoder, ddpm, maps = f / "encoder", f / "cond_ddpm", f / "maps"
         stages += [
-            Stage(f"encoder_{k}", bundle_command("contrastive_encoder", ["train.yaml", *extra], ids(
+            Stage(f"encoder_{k}", bundle_command("contrastive_encoder", ["common.yaml", "train.yaml", *extra], ids(
                 f"encoder_{k}", **common, fold=k, output_dir=encoder, **profile.get("encoder", {}))),
                 outputs=[encoder / "model.pt"], folder=encoder, resumable=True,
                 description=f"fold {k}: target-invariant encoder on IXI_train_fold{k}"),
-            Stage(f"cond_ddpm_{k}", bundle_command("cond_ddpm", ["train.yaml", *extra], ids(
+            Stage(f"cond_ddpm_{k}", bundle_command("cond_ddpm", ["common.yaml", "train.yaml", *extra], ids(
                 f"cond_ddpm_{k}", **common, fold=k, output_dir=ddpm, encoder_ckpt=encoder / "model.pt", **network,
                 **profile.get("cond_ddpm", {}))),
                 outputs=[ddpm / "model.pt"], folder=ddpm, resumable=True,
                 description=f"fold {k}: conditional DDPM conditioned on that encoder"),
-            Stage(f"maps_{k}", bundle_command("cond_ddpm", ["train.yaml", *extra, "evaluate.yaml"], ids(
+            Stage(f"maps_{k}", bundle_command("cond_ddpm", ["common.yaml", "evaluate.yaml", *extra], ids(
                 f"maps_{k}", **common, fold=k, output_dir=maps, ckpt_path=ddpm / "model.pt", **network,
                 **profile.get("evaluate", {}))),
                 outputs=[maps / "maps.json"], folder=maps,
@@ -89,7 +89,7 @@ def plan(data_root, workdir, folds=None, nova_fold: int | None = None, protocol:
         for p in scored:  # the published recipe and this project's localisation, from the same model
             nova = w / "nova" / p
             stages += [
-                Stage(f"nova_predict_{p}", bundle_command("nova_eval", ["inference.yaml", *extra], ids(
+                Stage(f"nova_predict_{p}", bundle_command("nova_eval", ["common.yaml", "inference.yaml", *extra], ids(
                     f"nova_predict_{p}", dataset_dir=data, ckpt_path=ckpt, output_dir=nova, protocol=p, seed=seed,
                     fold=nova_fold, cache_dir=w / "cache", predictions_file=nova / "predictions.json", **network)),
                     outputs=[nova / "predictions.json"], folder=nova,
