@@ -29,16 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from monai.data import DataLoader  # noqa: E402
-from monai.transforms import Compose, ScaleIntensityRanged  # noqa: E402
+from monai.transforms import Compose  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
-from custom_components import transforms as T  # noqa: E402
-from custom_components.data import load_split, preprocessing_key, volume_dataset  # noqa: E402
+from custom_components.data import load_split, volume_dataset  # noqa: E402
+from custom_components.utils import bundle_config  # noqa: E402
 
 
 def preprocessing_pass(items: list[dict], cache_dir: Path) -> float:
     """Seconds per volume to fetch every preprocessed volume once."""
-    dataset = volume_dataset(items, cache_dir)
+    dataset = volume_dataset(items, cache_dir, bundle_config("cond_ddpm").get_parsed_content("volume_preprocessing"))
     start = time.perf_counter()
     for i in range(len(dataset)):
         dataset[i]
@@ -46,18 +46,19 @@ def preprocessing_pass(items: list[dict], cache_dir: Path) -> float:
 
 
 def training_transform(slices_per_volume: int, augment: bool) -> Compose:
-    """The per-sample transforms of cond_ddpm's train.yaml."""
-    steps = [T.RandAxialSliced(["image", "mask"], mask_key="mask", num_samples=slices_per_volume)]
+    """The per-sample transforms of cond_ddpm's train.yaml (``train#preprocessing``), or its slicer and scaling
+    alone."""
+    config = bundle_config("cond_ddpm", ("common.yaml", "train.yaml"), slices_per_volume=slices_per_volume)
     if augment:
-        steps.append(T.intensity_augmentation())
-    steps.append(ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=-1.0, b_max=1.0))
-    return Compose(steps)
+        return config.get_parsed_content("train#preprocessing")
+    return Compose([config.get_parsed_content("train#slicer"), config.get_parsed_content("to_diffusion_range")])
 
 
 def slices_per_second(items: list[dict], cache_dir: Path, num_workers: int, batch_size: int,
                       slices_per_volume: int, augment: bool, min_slices: int) -> tuple[float, int]:
     """Training slices per second (and how many were loaded) through the DataLoader."""
-    dataset = volume_dataset(items, cache_dir, transform=training_transform(slices_per_volume, augment))
+    preprocessing = bundle_config("cond_ddpm").get_parsed_content("volume_preprocessing")
+    dataset = volume_dataset(items, cache_dir, preprocessing, transform=training_transform(slices_per_volume, augment))
     loader = DataLoader(dataset, batch_size=max(batch_size // slices_per_volume, 1), shuffle=True,
                         num_workers=num_workers)
     loaded = 0
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     items = load_split(args.data_root, args.split, mode=args.mode)
     temporary = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="uad-cache-") if temporary else args.cache_dir)
-    cached_before = len(list((cache_dir / f"volumes-{preprocessing_key()}").glob("*.pt")))
+    cached_before = len(list(cache_dir.glob("*.pt")))
     print(f"{args.split}: {len(items)} volumes of {args.data_root}; cache {cache_dir}"
           + (f" (already holds {cached_before} volumes)" if cached_before else ""))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from custom_components import metrics as M  # noqa: E402
 from custom_components.data import load_split, volume_dataset  # noqa: E402
+from custom_components.utils import bundle_config  # noqa: E402
 
 DATASETS = ("Brats21", "MSLUB")
 DEFAULT_SIZES = dict(n_ixi=40, n_brats=16, n_mslub=12, n_nova=24)
@@ -32,7 +33,7 @@ DEFAULT_SIZES = dict(n_ixi=40, n_brats=16, n_mslub=12, n_nova=24)
 
 def _volumes(data_root: Path, split: str, cache_dir: Path):
     """(name, post-processed baseline residual, brain mask, segmentation) of every volume of a split."""
-    dataset = volume_dataset(load_split(data_root, split), cache_dir)
+    dataset = volume_dataset(load_split(data_root, split), cache_dir, bundle_config("cond_ddpm").get_parsed_content("volume_preprocessing"))
     for item in dataset:
         image = np.asarray(item["image"][0], dtype=np.float32)
         mask = np.asarray(item["mask"][0]) > 0

@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_components.data import load_split, volume_dataset  # noqa: E402
+from custom_components.utils import bundle_config  # noqa: E402
 from custom_components.networks.backbone import backbone_pyramid, resnet_backbone  # noqa: E402
 from custom_components.networks.diffusion_unet import load_backbone_state  # noqa: E402
 
@@ -48,7 +49,7 @@ def healthy_slices(data_root, split: str, cache_dir, per_volume: int, min_brain:
     if not items:
         raise SystemExit(f"Split {split} of {data_root} lists no volumes.")
     images, masks, volume = [], [], []
-    for v, d in enumerate(volume_dataset(items, cache_dir)):
+    for v, d in enumerate(volume_dataset(items, cache_dir, bundle_config("cond_ddpm").get_parsed_content("volume_preprocessing"))):
         image, mask = d["image"][0].as_tensor(), d["mask"][0].as_tensor()  # (96, 96, 50)
         area = mask.sum((0, 1))
         eligible = torch.nonzero(area >= min_brain * area.max()).flatten()

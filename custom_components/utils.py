@@ -97,3 +97,15 @@ def to_diffusion_range(x):
 def from_diffusion_range(y):
     """The diffusion model's [-1, 1] -> [0, 1] intensities (no clipping)."""
     return (y + 1) / 2
+
+
+def bundle_config(bundle: str, configs=("common.yaml",), **overrides):
+    """``bundles/<bundle>/configs/<configs>`` merged and parsed as ``monai.bundle run`` would, with ``overrides``
+    as ids: for scripts that reuse a bundle's objects (its preprocessing list, its training transforms)."""
+    from monai.bundle import ConfigParser
+
+    folder = Path(__file__).resolve().parents[1] / "bundles" / bundle
+    parser = ConfigParser()
+    parser.read_config([str(folder / "configs" / name) for name in configs])
+    parser.update({"bundle_root": str(folder), **overrides})
+    return parser
