@@ -21,7 +21,7 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 
 from custom_components.metrics import erode_brain_mask
-from custom_components.utils import as_bool, atomic_path, write_json_atomic
+from custom_components.utils import as_bool, atomic_path, from_diffusion_range, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +237,10 @@ class HealthyThreshold:
 
 
 def residual_01(image: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """Residual ``|x - x_hat|`` on the [0, 1] intensity scale of an image and its reconstruction given in
-    [-1, 1] (the reconstruction is clipped to that range first, so the residual lies in [0, 1])."""
-    x = np.clip(np.asarray(image, dtype=np.float32), -1.0, 1.0)
-    x_hat = np.clip(np.asarray(recon, dtype=np.float32), -1.0, 1.0)
-    return np.abs(x - x_hat) * 0.5
+    """Residual ``|x - x_hat|`` on the [0, 1] intensity scale of an image and its reconstruction given in the
+    diffusion range (both clipped to it first, so the residual lies in [0, 1])."""
+    x, x_hat = (from_diffusion_range(np.clip(np.asarray(a, dtype=np.float32), -1.0, 1.0)) for a in (image, recon))
+    return np.abs(x - x_hat)
 
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, gt_boxes: np.ndarray,
@@ -329,7 +328,7 @@ class NovaBoxWriter:
             self.predictions[str(name)] = boxes
             if self.overlay_dir is not None:
                 gt = convert_to_numpy(gold[i]) if gold is not None else np.zeros((0, 4))
-                shown = natives[i, 0] if natives is not None else (images[i, 0] + 1.0) * 0.5
+                shown = natives[i, 0] if natives is not None else from_diffusion_range(images[i, 0])
                 save_overlay(self.overlay_dir / Path(str(name)).with_suffix(".png"), shown, gt, boxes)
 
     def write(self, engine=None) -> None:
