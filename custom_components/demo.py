@@ -38,7 +38,7 @@ STATE_FILE = "demo_state.json"
 # ------------------------------------------------------------------------------------------------------
 PROFILES: dict[str, dict] = {
     "default": {
-        "data": {"n_ixi": 40, "n_brats": 16, "n_mslub": 12, "n_nova": 24},
+        "data": {"n_ixi": 32, "n_brats": 12, "n_mslub": 10, "n_nova": 24},
         "encoder": {}, "network": {}, "cond_ddpm": {}, "evaluate": {}, "score": {}, "nova": {},
     },
     "tiny": {  # for tests: minutes on two cores, not meant to find lesions
