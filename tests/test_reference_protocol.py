@@ -342,12 +342,17 @@ def test_encoder_config_follows_protocol(protocol, extra):
         assert isinstance(validation, T.AxialSlicesd) and validation.brain_only and batch_size == 1
 
 
-def test_encoder_demo_network_follows_protocol():
+def test_encoder_demo_network_follows_protocol_but_its_decoder():
+    """The paper configs take the decoder from the protocol; the demo profile pins the light one (only the
+    backbone carries over to cond_ddpm), while drop_path still follows the protocol."""
     for protocol, ids in ENCODER_IDS.items():
-        net = _parser("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"],
-                      protocol=protocol).get_parsed_content("network_def")
-        assert isinstance(net.decoder, SparKDecoder if ids["decoder"] == "spark" else LightDecoder)
-        assert max(_drop_paths(net), default=0.0) == pytest.approx(ids["drop_path"])
+        paper = _parser("contrastive_encoder", ["common.yaml", "train.yaml"], protocol=protocol,
+                        depth=10).get_parsed_content("network_def")
+        assert isinstance(paper.decoder, SparKDecoder if ids["decoder"] == "spark" else LightDecoder)
+        demo = _parser("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"],
+                       protocol=protocol).get_parsed_content("network_def")
+        assert isinstance(demo.decoder, LightDecoder)
+        assert max(_drop_paths(demo), default=0.0) == pytest.approx(ids["drop_path"])
 
 
 @pytest.mark.parametrize("protocol", ["reference", "project"])
