@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,6 +41,7 @@ from custom_components.demo import (  # noqa: E402
     _display,
     _read_json,
     bundle_command,
+    over_seeds as over_seeds_of,
     run_stage,
     summarize_results,
 )
@@ -206,18 +206,14 @@ def table(rows: list[dict]) -> str:
 
 
 def over_seeds(rows_by_seed: dict[int, list[dict]]) -> list[dict]:
-    """Per variant and column the mean and population std over seeds (None where a seed has no value)."""
+    """Per variant and column the (mean, population std) over seeds (``demo.over_seeds``; None where no seed has
+    a value)."""
     out = []
-    first = next(iter(rows_by_seed.values()))
-    for i, row in enumerate(first):
-        merged = {"variant": row["variant"], "description": row["description"]}
-        for column in row:
-            if column in ("variant", "description"):
-                continue
-            values = [rows[i].get(column) for rows in rows_by_seed.values()]
-            values = [v for v in values if isinstance(v, float)]
-            merged[column] = (float(np.mean(values)), float(np.std(values))) if values else None
-        out.append(merged)
+    for i, row in enumerate(next(iter(rows_by_seed.values()))):
+        stats = over_seeds_of({seed: {k: v for k, v in rows[i].items() if k not in ("variant", "description")}
+                               for seed, rows in rows_by_seed.items()})
+        out.append({"variant": row["variant"], "description": row["description"],
+                    **{c: None if v["mean"] is None else (v["mean"], v["std"]) for c, v in stats.items()}})
     return out
 
 

@@ -334,9 +334,9 @@ def run_stages(workdir: Path, stages: list[Stage], state: dict, force: bool = Fa
     """Run every unfinished stage in order, recording each in ``state`` (``open_workdir``); returns ``state``.
 
     ``runner(stage, log_file, verbose)`` executes one stage and returns its CPU seconds (the default runs its
-    command); a stage counts
-    as done when its outputs exist and it was recorded as finished; once a stage runs, every later stage
-    runs again from a clean folder, since its inputs changed; an interrupted resumable stage continues.
+    command); a stage counts as done when its outputs exist and it was recorded as finished; once a stage runs,
+    every later stage runs again from a clean folder, since its inputs changed; an interrupted resumable stage
+    continues.
     """
     upstream_ran = False
     for stage in stages:
@@ -424,14 +424,14 @@ def headline(summary: dict, timings: dict | None = None) -> dict[str, float | No
 
 def over_seeds(rows: dict[int, dict]) -> dict[str, dict]:
     """Per column the mean and population std (ddof 0) over the seeds that have a value, and the values."""
-    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    import numpy as np
+
     out = {}
-    for column in columns:
+    for column in dict.fromkeys(c for row in rows.values() for c in row):
         values = {seed: row.get(column) for seed, row in rows.items()}
-        finite = [v for v in values.values() if isinstance(v, (int, float)) and v == v]
-        out[column] = {"mean": sum(finite) / len(finite) if finite else None,
-                       "std": (sum((v - sum(finite) / len(finite)) ** 2 for v in finite) / len(finite)) ** 0.5
-                       if finite else None, "per_seed": values}
+        finite = [v for v in values.values() if _number(v) is not None]
+        out[column] = {"mean": float(np.mean(finite)) if finite else None,
+                       "std": float(np.std(finite)) if finite else None, "per_seed": values}
     return out
 
 
