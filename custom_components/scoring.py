@@ -2,12 +2,12 @@
 
 ``score_maps`` reads what ``evaluate.yaml`` wrote (``SaveMaps``) and, in seconds, applies the protocol:
 
-1. per volume the residual |image - reconstruction| (reconstruction clipped to [0, 1] when ``clamp``),
-   times the brain mask eroded per slice, 3D median filter (``metrics.postprocess_residual``);
+1. per volume the residual |image - reconstruction| (reconstruction clipped to [0, 1] when ``clamp``), times the
+   brain mask eroded per slice, 3D median filter (``metrics.postprocess_residual``);
 2. the healthy IXI val split gives the thresholds at 1 / 5 / 10 % voxel false-positive rate;
-3. per lesion data set, the Dice-optimal threshold on its pooled val split (both search methods, the
-   protocol uses ``threshold_method``), then the per-volume metrics of its test split (at the other method's
-   and at the FPR thresholds too, Hausdorff only at the protocol's threshold, as the reference);
+3. per lesion data set, the Dice-optimal threshold on its pooled val split (both search methods, the protocol uses
+   ``threshold_method``), then the per-volume metrics of its test split (at the other method's and at the FPR
+   thresholds too, Hausdorff only at the protocol's threshold, as the reference);
 4. IXI_test gives the reconstruction error (mean L1 and L2 over the whole volume, unmasked).
 
 ``region`` says which voxels count (``volume``: all of them, as the reference; ``brain``: the brain mask).
@@ -28,12 +28,10 @@ import numpy as np
 
 from custom_components import metrics as M
 from custom_components.evaluation import MANIFEST
-from custom_components.utils import as_bool, check_choice, json_safe, mlflow_metric_name, write_json_atomic, write_text_atomic
+from custom_components.utils import (as_bool, check_choice, json_safe, mlflow_metric_name, write_json_atomic,
+                                     write_text_atomic)
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["PROTOCOLS", "THRESHOLD_METHODS", "HEALTHY_DATASET", "read_manifest", "iter_maps",
-           "reconstruction_errors", "score_maps", "flat_metrics", "fpr_label"]
 
 PROTOCOLS = ("reference", "project")
 THRESHOLD_METHODS = ("bisection", "exact")
@@ -46,61 +44,16 @@ def fpr_label(rate: float) -> str:
     return f"{float(rate) * 100:g}%"
 
 
-# ----------------------------------------------------------------------------------------------
-# reading a maps folder
-# ----------------------------------------------------------------------------------------------
-
-
-def read_manifest(maps_dir) -> dict:
-    """The ``maps.json`` of a maps folder, or an error that says how to make one."""
-    path = Path(maps_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {maps_dir} is not a finished maps folder. Write one with "
-                                "cond_ddpm's evaluate.yaml (--output_dir MAPS_DIR), then score it.")
-    manifest = json.loads(path.read_text())
-    if not isinstance(manifest.get("splits"), dict):
-        raise ValueError(f"{path} lists no splits.")
-    return manifest
-
-
-def iter_maps(maps_dir, split: str, names: Sequence[str], kinds=("image", "reconstruction", "mask", "seg")
-              ) -> Iterator[dict]:
-    """``{"name", <kind>: (H, W, D) array}`` per volume of ``split``; a missing ``seg`` is None (healthy)."""
-    import nibabel as nib
-
-    folder = Path(maps_dir) / split
-    for name in names:
-        item: dict[str, Any] = {"name": name}
-        for kind in kinds:
-            path = folder / f"{name}_{kind}.nii.gz"
-            if not path.is_file():
-                if kind == "seg":
-                    item[kind] = None
-                    continue
-                raise FileNotFoundError(f"{path} is missing from the maps folder {maps_dir}.")
-            item[kind] = np.asanyarray(nib.load(str(path)).dataobj)
-        yield item
-
-
-# ----------------------------------------------------------------------------------------------
-# per volume
-# ----------------------------------------------------------------------------------------------
-
-
 def reconstruction_errors(image, reconstruction, seg=None) -> dict[str, float]:
     """Mean L1 and L2 (squared) error over the whole volume, and inside / outside the lesion when there is one."""
     diff = (np.asarray(image, np.float64) - np.asarray(reconstruction, np.float64)).ravel()
-    out = {"l1": float(np.abs(diff).mean()), "l2": float((diff**2).mean())}
     lesion = np.zeros(diff.size, bool) if seg is None else np.asarray(seg).ravel() > 0
-    for part, where in (("lesion", lesion), ("healthy", ~lesion)):
-        out[f"l1_{part}"] = float(np.abs(diff[where]).mean()) if where.any() else math.nan
-        out[f"l2_{part}"] = float((diff[where] ** 2).mean()) if where.any() else math.nan
+    out = {}
+    for part, where in (("", slice(None)), ("_lesion", lesion), ("_healthy", ~lesion)):
+        part_diff = diff[where]
+        out[f"l1{part}"] = float(np.abs(part_diff).mean()) if part_diff.size else math.nan
+        out[f"l2{part}"] = float((part_diff**2).mean()) if part_diff.size else math.nan
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# the protocol
-# ----------------------------------------------------------------------------------------------
 
 
 def _role(split: str) -> str:
@@ -136,36 +89,26 @@ class _Grid:
         vmax = max(float(e[4][2].max()) for e in entries) or 1.0
         for r, (_, _, name, z, panels) in enumerate(entries):
             for c, (column, panel) in enumerate(zip(GRID_COLUMNS, panels)):
-                ax = axes[r, c]
-                ax.axis("off")
                 cmap, top = ("inferno", vmax) if c == 2 else ("gray", 1.0)
-                ax.imshow(np.rot90(panel), cmap=cmap, vmin=0, vmax=top)
+                axes[r, c].axis("off")
+                axes[r, c].imshow(np.rot90(panel), cmap=cmap, vmin=0, vmax=top)
                 if r == 0:
-                    ax.set_title(column, fontsize=8)
+                    axes[r, c].set_title(column, fontsize=8)
             axes[r, 0].text(-0.04, 0.5, f"{name}\nz={z}", transform=axes[r, 0].transAxes, rotation=90,
                             fontsize=6, ha="right", va="center")
         fig.suptitle(f"{title} (residual scale 0-{vmax:.3g})", fontsize=9)
         save_figure(fig, path)
 
 
-def score_maps(
-    maps_dir,
-    output_dir,
-    protocol: str = "reference",
-    region: str | None = None,
-    clamp: bool | None = None,
-    threshold_method: str = "bisection",
-    fpr_rates: Sequence[float] = M.DEFAULT_FPR_RATES,
-    baseline: bool = False,
-    grid_slices: int = 6,
-    median_size: int = 5,
-    bisection_steps: int = 10,
-) -> dict:
+def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | None = None, clamp: bool | None = None,
+               threshold_method: str = "bisection", fpr_rates: Sequence[float] = M.DEFAULT_FPR_RATES,
+               baseline: bool = False, grid_slices: int = 6, median_size: int = 5, bisection_steps: int = 10) -> dict:
     """Score the maps folder ``maps_dir`` and write the results to ``output_dir``; returns metrics.json's content.
 
     ``region`` and ``clamp`` default to the ``protocol``'s choice (reference: every voxel, no clamp; project:
     brain voxels, reconstruction clipped to [0, 1]). ``baseline``: the intensity baseline, residual = image.
     """
+    import nibabel as nib
     import pandas as pd
 
     check_choice("protocol", protocol, PROTOCOLS)
@@ -174,17 +117,31 @@ def score_maps(
     baseline = as_bool(baseline, "baseline")
     check_choice("region", region, M.REGIONS)
     check_choice("threshold_method", threshold_method, THRESHOLD_METHODS)
-    manifest = read_manifest(maps_dir)
-    splits = manifest["splits"]
-    output_dir = Path(output_dir)
+    path = Path(maps_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {maps_dir} is not a finished maps folder. Write one with "
+                                "cond_ddpm's evaluate.yaml (--output_dir MAPS_DIR), then score it.")
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path} lists no splits.")
+    splits, output_dir = manifest["splits"], Path(output_dir)
     settings = {"maps_dir": str(maps_dir), "protocol": protocol, "region": region, "clamp": clamp,
                 "threshold_method": threshold_method, "fpr_rates": [float(r) for r in fpr_rates],
                 "baseline": bool(baseline), "median_size": median_size, "bisection_steps": bisection_steps,
                 "maps": manifest.get("settings", {})}
 
     def volumes(split: str) -> Iterator[dict]:
-        kinds = ("image", "mask", "seg") if baseline else ("image", "reconstruction", "mask", "seg")
-        for item in iter_maps(maps_dir, split, splits[split]["volumes"], kinds):
+        """Per volume its maps (a missing seg is None: healthy), residual and the voxels that count (roi)."""
+        for name in splits[split]["volumes"]:
+            item: dict[str, Any] = {"name": name}
+            for kind in ("image", "mask", "seg") if baseline else ("image", "reconstruction", "mask", "seg"):
+                path = Path(maps_dir) / split / f"{name}_{kind}.nii.gz"
+                if path.is_file():
+                    item[kind] = np.asanyarray(nib.load(str(path)).dataobj)
+                elif kind == "seg":
+                    item[kind] = None
+                else:
+                    raise FileNotFoundError(f"{path} is missing from the maps folder {maps_dir}.")
             if baseline:  # the reconstruction is not read: zero by definition
                 item["reconstruction"] = np.zeros_like(item["image"])
             elif clamp:
@@ -200,8 +157,7 @@ def score_maps(
             raise ValueError(f"{maps_dir}: two {key[1]} splits of {key[0]} ({by_role[key]}, {split}).")
         by_role[key] = split
 
-    results: dict[str, Any] = {"settings": settings}
-    rows: list[dict] = []
+    results, rows = {"settings": settings}, []
     # 2. healthy thresholds at fixed voxel false-positive rates
     fpr: dict[str, float] = {}
     healthy = by_role.get((HEALTHY_DATASET, "val"))
@@ -217,14 +173,13 @@ def score_maps(
         values, labels = [], []
         for item in volumes(val_split):
             if item["seg"] is None:
-                raise ValueError(f"{val_split} volume {item['name']} has no segmentation: a val split needs lesion labels.")
+                raise ValueError(f"{val_split} volume {item['name']} has no segmentation: "
+                                 "a val split needs lesion labels.")
             values.append(item["residual"][item["roi"]])
             labels.append(item["seg"][item["roi"]] > 0)
         values, labels = np.concatenate(values), np.concatenate(labels)
-        methods = {}
-        for method in THRESHOLD_METHODS:
-            dice, threshold = M.find_best_threshold(values, labels, method=method, steps=bisection_steps)
-            methods[method] = {"threshold": float(threshold), "val_dice": float(dice)}
+        found = {m: M.find_best_threshold(values, labels, method=m, steps=bisection_steps) for m in THRESHOLD_METHODS}
+        methods = {m: {"threshold": float(t), "val_dice": float(d)} for m, (d, t) in found.items()}
         chosen = methods[threshold_method]
         entry = {"threshold": chosen["threshold"], "threshold_method": threshold_method, "val_dice": chosen["val_dice"],
                  "thresholds": {**methods, "found_on": val_split, "n_val_volumes": len(splits[val_split]["volumes"]),
@@ -240,22 +195,20 @@ def score_maps(
                 row = M.volume_metrics(item["residual"], seg, item["mask"], chosen["threshold"], region=region)
             except ValueError as e:
                 raise ValueError(f"{test_split} volume {item['name']}: {e}") from e
-            row = {"dataset": dataset, "split": test_split, "name": item["name"], "threshold": chosen["threshold"], **row,
-                   **reconstruction_errors(item["image"], item["reconstruction"], seg)}
+            row = {"dataset": dataset, "split": test_split, "name": item["name"], "threshold": chosen["threshold"],
+                   **row, **reconstruction_errors(item["image"], item["reconstruction"], seg)}
             for prefix, t in other_thresholds.items():  # no Hausdorff: the slow one, as in the reference
                 at = M.threshold_metrics(item["residual"], seg, item["mask"], t, region, hausdorff=False)
                 row.update({f"{prefix}{k}": v for k, v in at.items()})
             test_rows.append(row)
             prediction = M.segment(item["residual"], chosen["threshold"], item["roi"])
             grid.offer(item["name"], item["image"], item["reconstruction"], item["residual"], prediction, item["seg"])
-        summary = M.summarize(test_rows)
-        others = tuple(f"{m}_" for m in THRESHOLD_METHODS) + tuple(f"fpr{label}_" for label in fpr)
+        summary, others = M.summarize(test_rows), tuple(other_thresholds)
         entry.update(test_split=test_split, n_test_volumes=len(test_rows),
                      metrics={k: v for k, v in summary.items() if k != "threshold" and not k.startswith(others)})
-        for method in THRESHOLD_METHODS:
-            if method != threshold_method:
-                entry[f"metrics_at_{method}"] = _prefixed(summary, f"{method}_")
-        entry["fpr"] = {label: {"threshold": t, "metrics": _prefixed(summary, f"fpr{label}_")} for label, t in fpr.items()}
+        entry.update({f"metrics_at_{m}": _prefixed(summary, f"{m}_") for m in methods if m != threshold_method})
+        entry["fpr"] = {label: {"threshold": t, "metrics": _prefixed(summary, f"fpr{label}_")}
+                        for label, t in fpr.items()}
         results[dataset] = entry
         rows += test_rows
         grid.write(output_dir / f"{dataset}_grid.png",
@@ -292,11 +245,14 @@ def flat_metrics(results: Mapping) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
             flat[mlflow_metric_name(key)] = float(value)
 
+    def put_means(prefix: str, summary: Mapping) -> None:
+        for metric, stats in summary.items():
+            put(f"{prefix}{metric}", stats["mean"])
+
     healthy = results.get(HEALTHY_DATASET, {})
     for label, t in healthy.get("fpr_thresholds", {}).items():
         put(f"{HEALTHY_DATASET}/fpr{label}_threshold", t)
-    for metric, stats in healthy.get("metrics", {}).items():
-        put(f"{HEALTHY_DATASET}/{metric}", stats["mean"])
+    put_means(f"{HEALTHY_DATASET}/", healthy.get("metrics", {}))
     for dataset, entry in results.items():
         if dataset in (HEALTHY_DATASET, "settings"):
             continue
@@ -304,12 +260,9 @@ def flat_metrics(results: Mapping) -> dict[str, float]:
         put(f"{dataset}/val_dice", entry["val_dice"])
         for method in THRESHOLD_METHODS:
             put(f"{dataset}/{method}_threshold", entry["thresholds"][method]["threshold"])
-        for metric, stats in entry["metrics"].items():
-            put(f"{dataset}/{metric}", stats["mean"])
+        put_means(f"{dataset}/", entry["metrics"])
         for method in THRESHOLD_METHODS:
-            for metric, stats in entry.get(f"metrics_at_{method}", {}).items():
-                put(f"{dataset}/{method}/{metric}", stats["mean"])
+            put_means(f"{dataset}/{method}/", entry.get(f"metrics_at_{method}", {}))
         for label, fpr in entry["fpr"].items():
-            for metric, stats in fpr["metrics"].items():
-                put(f"{dataset}/fpr{label}/{metric}", stats["mean"])
+            put_means(f"{dataset}/fpr{label}/", fpr["metrics"])
     return flat
