@@ -1,13 +1,8 @@
 """The expensive half of the BraTS21 / MSLUB / IXI evaluation: reconstruct every volume once and save the maps.
 
-* ``VolumeReconstructionInferer``: MONAI's ``SliceInferer`` with all axial slices of a [0, 1] volume as one batch
-  through a [-1, 1] slice inferer (``ReconstructionInferer``), back to the [0, 1] scale; ``reconstruction="none"`` gives an
-  all-zero reconstruction, i.e. residual = intensity (the intensity baseline of ``inference.yaml``).
-* ``evaluation_dataset``: the preprocessed volumes of the given splits, tagged with split and data set.
-* ``SaveMaps``: the engine handler that writes, per volume, the input, its reconstruction, the raw residual,
-  the brain mask and the segmentation as NIfTI (model resolution), and a ``maps.json`` manifest.
-
-Scoring a maps folder needs no network: see ``custom_components.scoring``.
+``evaluation_dataset`` gives the preprocessed volumes of the given splits tagged with split and data set,
+``VolumeReconstructionInferer`` reconstructs each volume (its axial slices as one batch), and ``SaveMaps`` writes the
+maps as NIfTI (model resolution) with a ``maps.json`` manifest. Scoring them needs no network: see ``scoring``.
 """
 
 from __future__ import annotations
@@ -20,25 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import Inferer, SliceInferer
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_numpy, convert_to_tensor
 from torch.utils.data import ConcatDataset
 
 from custom_components.utils import (atomic_path, check_choice, from_diffusion_range, json_safe, to_diffusion_range,
                                      write_json_atomic)
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "RECONSTRUCTIONS",
-    "MANIFEST",
-    "VolumeReconstructionInferer",
-    "checkpoint_path",
-    "TagSplit",
-    "split_dataset",
-    "evaluation_dataset",
-    "SaveMaps",
-    "atomic_save_nifti",
-]
 
 RECONSTRUCTIONS = ("ddpm", "none")
 MANIFEST = "maps.json"  # written last: a maps folder without it is incomplete
@@ -49,7 +32,6 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None) 
     import nibabel as nib
 
     path = Path(path)
-    header = header.copy() if header is not None else None
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=header)
     image.set_data_dtype(np.asarray(array).dtype)
     if header is not None:  # nibabel would otherwise keep the input's scaling and intent
@@ -70,17 +52,11 @@ def checkpoint_path(path, reconstruction: str = "ddpm") -> str | None:
     return str(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# reconstruction of whole volumes
-# ----------------------------------------------------------------------------------------------
-
-
 class VolumeReconstructionInferer(SliceInferer):
-    """Reconstruct (N, 1, H, W, D) volumes in [0, 1]: MONAI's ``SliceInferer`` hands the D axial slices of each
-    volume as one batch to a [-1, 1] slice inferer (``ReconstructionInferer``), between ``to_diffusion_range`` and
-    ``from_diffusion_range``; float32, clipped to [0, 1] when ``clamp`` (the evaluation's maps keep the raw
-    prediction: the protocol decides). ``reconstruction="none"`` returns zeros without calling the network: the
-    residual is then the intensity itself (the intensity baseline)."""
+    """Reconstruct (N, 1, H, W, D) volumes in [0, 1]: MONAI's ``SliceInferer`` hands the D axial slices of each volume
+    as one batch to a [-1, 1] slice inferer (``ReconstructionInferer``); float32, clipped to [0, 1] when ``clamp``
+    (the maps keep the raw prediction: the protocol decides). ``reconstruction="none"`` returns zeros without calling
+    the network: the residual is then the intensity itself (the intensity baseline)."""
 
     def __init__(self, slice_inferer: Inferer | None = None, reconstruction: str = "ddpm", clamp: bool = True) -> None:
         super().__init__(spatial_dim=2, roi_size=(-1, -1), mode="constant")  # whole slices, each once
@@ -89,13 +65,7 @@ class VolumeReconstructionInferer(SliceInferer):
             raise ValueError("VolumeReconstructionInferer needs a slice_inferer unless reconstruction is 'none'.")
         self.slice_inferer, self.clamp = slice_inferer, bool(clamp)
 
-    def __call__(  # type: ignore[override]
-        self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        if inputs.ndim != 5:
-            raise ValueError(
-                f"VolumeReconstructionInferer expects (N, C, H, W, D) volumes, got shape {tuple(inputs.shape)}."
-            )
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore
         volumes = convert_to_tensor(inputs, dtype=torch.float32, track_meta=False)  # slices carry no volume meta
         if self.reconstruction == "none":
             return torch.zeros_like(volumes)
@@ -109,32 +79,20 @@ class VolumeReconstructionInferer(SliceInferer):
         return super().__call__(volumes, reconstruct)
 
 
-# ----------------------------------------------------------------------------------------------
-# the evaluation splits
-# ----------------------------------------------------------------------------------------------
-
-
 class TagSplit:
     """Add the split's name and data set to every sample (after the cache, so cache entries are shared)."""
 
     def __init__(self, split: str) -> None:
-        self.tags = {"split": split, "dataset": split_dataset(split)}
+        self.tags = {"split": split, "dataset": split.split("_")[0]}  # IXI_val_fold0 -> IXI
 
     def __call__(self, data: Mapping) -> dict:
         return {**data, **self.tags}
 
 
-def split_dataset(split: str) -> str:
-    """The data set of a distributed split name: ``IXI_val_fold0`` -> ``IXI``, ``Brats21_test`` -> ``Brats21``."""
-    return str(split).split("_")[0]
-
-
-def evaluation_dataset(dataset_dir, cache_dir, splits: Sequence[str], preprocessing: Sequence, mode: str = "t2",
-                       transform=None) -> ConcatDataset:
+def evaluation_dataset(dataset_dir, cache_dir, splits: Sequence[str], preprocessing: Sequence, mode: str = "t2"
+                       ) -> ConcatDataset:
     """The volumes of ``splits`` in order through the cached ``preprocessing``, each sample with ``image``, ``mask``,
     ``seg`` (lesion sets), ``name``, ``split`` and ``dataset``; the same cache as training (``volume_dataset``)."""
-    from monai.transforms import Compose
-
     from custom_components.data import load_split, volume_dataset
 
     splits = [splits] if isinstance(splits, str) else list(splits)
@@ -145,38 +103,14 @@ def evaluation_dataset(dataset_dir, cache_dir, splits: Sequence[str], preprocess
         items = load_split(dataset_dir, split, mode)
         if not items:
             raise ValueError(f"Split {split} of {dataset_dir} lists no volumes.")
-        steps = [TagSplit(split)] + ([transform] if transform is not None else [])
-        parts.append(volume_dataset(items, cache_dir, preprocessing, transform=Compose(steps)))
+        parts.append(volume_dataset(items, cache_dir, preprocessing, transform=TagSplit(split)))
     return ConcatDataset(parts)
-
-
-# ----------------------------------------------------------------------------------------------
-# the engine handler that writes the maps
-# ----------------------------------------------------------------------------------------------
-
-
-def _numpy_volume(tensor) -> np.ndarray:
-    """(1, H, W, D) tensor -> (H, W, D) float32 numpy array."""
-    array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-    if array.ndim == 4:
-        array = array[0]
-    return array.astype(np.float32, copy=False)
-
-
-def _affine(tensor, index: int) -> np.ndarray:
-    affine = getattr(tensor, "affine", None)
-    if affine is None:
-        return np.eye(4)
-    affine = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
-    return affine[index] if affine.ndim == 3 else affine
 
 
 class SaveMaps:
     """Evaluator handler: per volume ``<output_dir>/<split>/<name>_{image,reconstruction,residual,mask,seg}.nii.gz``
     (model grid, affine of the preprocessed volume; residual = |image - reconstruction|, raw; seg for lesion
     sets only), and at the end ``maps.json``: ``settings`` and, per split, its data set and volume names."""
-
-    KINDS = ("image", "reconstruction", "residual", "mask", "seg")
 
     def __init__(self, output_dir, settings: Mapping | None = None, pred_key: str = "pred") -> None:
         self.output_dir, self.pred_key = Path(output_dir), pred_key
@@ -194,14 +128,14 @@ class SaveMaps:
         if isinstance(batch, list) or isinstance(output, list):
             raise ValueError("SaveMaps needs the evaluator to run with decollate=False.")
         images, recons = batch["image"], output[self.pred_key]
+        affines = convert_to_numpy(images.affine) if hasattr(images, "affine") else np.eye(4)
         for i in range(images.shape[0]):
             split, name = batch["split"][i], batch["name"][i]
-            image, recon = _numpy_volume(images[i]), _numpy_volume(recons[i])
-            volumes = {"image": image, "reconstruction": recon, "residual": np.abs(image - recon),
-                       "mask": (_numpy_volume(batch["mask"][i]) > 0).astype(np.uint8)}
-            if "seg" in batch:
-                volumes["seg"] = (_numpy_volume(batch["seg"][i]) > 0).astype(np.uint8)
-            affine = _affine(images, i)
+            image, recon = (convert_to_numpy(t[i], dtype=np.float32)[0] for t in (images, recons))
+            volumes = {"image": image, "reconstruction": recon, "residual": np.abs(image - recon)}
+            for kind in ("mask", "seg") if "seg" in batch else ("mask",):
+                volumes[kind] = (convert_to_numpy(batch[kind][i], dtype=np.float32)[0] > 0).astype(np.uint8)
+            affine = affines[i] if affines.ndim == 3 else affines
             for kind, array in volumes.items():
                 atomic_save_nifti(array, affine, self.output_dir / split / f"{name}_{kind}.nii.gz")
             entry = self.splits.setdefault(split, {"dataset": batch["dataset"][i], "volumes": []})
