@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .networks.sparse_encoder import PATCH_MASK, RECONSTRUCTION, Z_INTACT, Z_MASKED, upsample_mask
+from .networks.sparse_encoder import upsample_mask
 
 
 class EpsilonInfoNCE(nn.Module):
@@ -47,47 +47,28 @@ class EpsilonInfoNCE(nn.Module):
 class SparKContrastiveLoss(nn.Module):
     """L2 reconstruction of the hidden patches + weighted epsilon-InfoNCE between masked and intact view.
 
-    ``forward(pred, target)``: ``pred`` is the dict of ``TargetInvariantEncoder`` (reconstruction,
-    patch_mask, z_masked, z_intact), ``target`` the intact image (B, C, H, W). The reconstruction term is
-    the squared error averaged over hidden pixels only. The two parts of the last call are kept, detached,
-    in ``last_parts`` (keys ``reconstruction`` and ``contrastive``) for logging.
+    ``forward(pred, target)``: ``pred`` is the dict of ``TargetInvariantEncoder``, ``target`` the intact image
+    (B, C, H, W). The reconstruction term is the squared error averaged over hidden pixels only. The two
+    unweighted parts of the last call are kept, detached, in ``last_parts`` for logging.
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.07,
-        epsilon: float = 0.5,
-        contrastive_weight: float = 1.0,
-        reconstruction_weight: float = 1.0,
-    ):
+    def __init__(self, temperature: float = 0.07, epsilon: float = 0.5, contrastive_weight: float = 1.0,
+                 reconstruction_weight: float = 1.0):
         super().__init__()
         self.contrastive = EpsilonInfoNCE(temperature=temperature, epsilon=epsilon)
         self.contrastive_weight = contrastive_weight
         self.reconstruction_weight = reconstruction_weight
         self.last_parts: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def hidden_reconstruction_loss(
-        reconstruction: torch.Tensor, target: torch.Tensor, patch_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Mean squared error over the pixels of hidden patches (``patch_mask`` True = visible)."""
-        if reconstruction.shape != target.shape:
-            raise ValueError(f"Reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} "
-                             "must have the same shape.")
-        hidden = ~upsample_mask(patch_mask.bool(), tuple(target.shape[-2:]))  # (B, 1, H, W)
+    def forward(self, pred: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        target = target.as_tensor() if hasattr(target, "as_tensor") else target
+        reconstruction = pred["reconstruction"]
+        hidden = ~upsample_mask(pred["patch_mask"].bool(), tuple(target.shape[-2:]))  # (B, 1, H, W)
         hidden = hidden.to(reconstruction.dtype).expand_as(reconstruction)
         squared = (reconstruction.float() - target.float()) ** 2
-        return (squared * hidden).sum() / hidden.sum().clamp(min=1)
-
-    def parts(self, pred: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The two unweighted terms: ``reconstruction`` and ``contrastive``."""
-        target = target.as_tensor() if hasattr(target, "as_tensor") else target
-        return {
-            "reconstruction": self.hidden_reconstruction_loss(pred[RECONSTRUCTION], target, pred[PATCH_MASK]),
-            "contrastive": self.contrastive(pred[Z_MASKED], pred[Z_INTACT]),
+        parts = {
+            "reconstruction": (squared * hidden).sum() / hidden.sum().clamp(min=1),
+            "contrastive": self.contrastive(pred["z_masked"], pred["z_intact"]),
         }
-
-    def forward(self, pred: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        parts = self.parts(pred, target)
         self.last_parts = {k: v.detach() for k, v in parts.items()}
         return self.reconstruction_weight * parts["reconstruction"] + self.contrastive_weight * parts["contrastive"]

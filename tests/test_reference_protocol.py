@@ -231,12 +231,12 @@ def test_drop_path_rates_and_state_dict_keys(depth):
 
 def test_contrastive_checkpoint_loads_strictly_into_the_conditioning_encoder(tmp_path):
     encoder = TargetInvariantEncoder(depth=18, decoder_width=64, decoder="spark", drop_path=0.05)
-    torch.save(encoder.backbone_state_dict(), tmp_path / "model.pt")
+    torch.save(encoder.encoder.backbone.state_dict(), tmp_path / "model.pt")
     for drop_path in (0.05, 0.0):
         model = ConditionalDDPM(channels=(8, 16, 16), num_res_blocks=1, encoder_depth=18,
                                 encoder_drop_path=drop_path, encoder_ckpt=tmp_path / "model.pt")
         assert bool(_drop_paths(model.encoder)) == (drop_path > 0)
-        for key, value in encoder.backbone_state_dict().items():
+        for key, value in encoder.encoder.backbone.state_dict().items():
             assert torch.equal(model.encoder.backbone.state_dict()[key], value)
 
 

@@ -156,20 +156,22 @@ def test_all_visible_equals_dense_backbone(training):
 
 def test_backbone_state_dict_round_trip(tmp_path):
     model = TargetInvariantEncoder(depth=18, decoder_width=64)
+    backbone = model.encoder.backbone  # what train.yaml saves as models/model.pt
     plain = resnet_backbone(18)
-    assert list(model.backbone_state_dict()) == list(plain.state_dict())
+    assert list(backbone.state_dict()) == list(plain.state_dict())
     assert all(f"encoder.backbone.{k}" in model.state_dict() for k in plain.state_dict())
     path = tmp_path / "model.pt"
-    torch.save(model.backbone_state_dict(), path)
+    torch.save(backbone.state_dict(), path)
     plain.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    torch.testing.assert_close(plain.conv1.weight, model.encoder.backbone.conv1.weight)
-    # and the other way: a plain backbone's weights drive the embedding
+    torch.testing.assert_close(plain.conv1.weight, backbone.conv1.weight)
+    # and the other way: a plain backbone's weights drive the embedding of whole (all visible) slices
     fresh = resnet_backbone(18).eval()
-    model.load_backbone_state_dict(fresh.state_dict())
+    backbone.load_state_dict(fresh.state_dict())
     model.eval()
-    x = _image(batch=2)
+    x, active = _image(batch=2), torch.ones(2, 1, 3, 3, dtype=torch.bool)
     with torch.no_grad():
-        torch.testing.assert_close(model.embed(x), fresh(x), rtol=1e-4, atol=1e-5)
+        embedding = SparseEncoder.pool(model.encoder(x, active)[-1], active)
+        torch.testing.assert_close(embedding, fresh(x), rtol=1e-4, atol=1e-5)
 
 
 def test_model_forward_backward_and_seeding():
