@@ -17,11 +17,8 @@ from torch import nn
 
 
 class DropPathBlock(ResNetBlock):
-    """MONAI's basic residual block with stochastic depth on the residual branch (``drop_path``, Identity = off)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.drop_path: nn.Module = nn.Identity()
+    """MONAI's basic residual block with stochastic depth on the residual branch (``drop_path``, set by
+    ``resnet_backbone``; Identity = off)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
@@ -30,11 +27,7 @@ class DropPathBlock(ResNetBlock):
 
 
 class DropPathBottleneck(ResNetBottleneck):
-    """MONAI's bottleneck block with stochastic depth on the residual branch (``drop_path``, Identity = off)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.drop_path: nn.Module = nn.Identity()
+    """MONAI's bottleneck block with stochastic depth on the residual branch (as ``DropPathBlock``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
@@ -63,22 +56,12 @@ def resnet_backbone(depth: int = 50, in_channels: int = 1, drop_path: float = 0.
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}.")
     block, layers = RESNET_LAYERS[depth]
-    net = ResNet(
-        block=block,
-        layers=layers,
-        block_inplanes=BLOCK_INPLANES,
-        spatial_dims=2,
-        n_input_channels=in_channels,
-        conv1_t_size=7,
-        conv1_t_stride=2,
-        feed_forward=False,
-        bias_downsample=False,
-    )
+    net = ResNet(block=block, layers=layers, block_inplanes=BLOCK_INPLANES, n_input_channels=in_channels,
+                 spatial_dims=2, conv1_t_size=7, conv1_t_stride=2, feed_forward=False, bias_downsample=False)
     blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
     for index, b in enumerate(blocks):
         rate = drop_path * index / (len(blocks) - 1)
-        if rate > 0:
-            b.drop_path = DropPath(rate)
+        b.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
     return net
 
 
