@@ -1,15 +1,12 @@
 """Noise fields for the diffusion forward process: fractal 2D simplex noise (default) or Gaussian noise.
 
-Simplex noise is spatially smooth, so the DDPM learns to remove low-frequency structure and, at test
-time, to "heal" whole lesions rather than pixel noise (AnoDDPM, cDDPM). The construction follows the
-classic octave sum used by those works: ``sum_o persistence**o * opensimplex2d(coords / (frequency / 2**o))``
-with no renormalisation of the sum, where ``frequency`` is the feature size in pixels of the coarsest
-octave. Every sample (and channel) gets its own field (its own random gradients on a 256 x 256 periodic
-lattice and its own random lattice offset per octave), fully vectorised in torch on the requested device;
-``make_noise(..., shared=True)`` instead repeats one field over the batch, as the reference generator does.
-
-At the default setting (6 octaves, persistence 0.8, frequency 64) a 96x96 field has a standard
-deviation of about 0.55-0.6 and a neighbour-pixel correlation of about 0.95.
+Simplex noise is spatially smooth, so the DDPM learns to "heal" whole lesions rather than pixel noise (AnoDDPM,
+cDDPM). As in those works: ``sum_o persistence**o * opensimplex2d(coords / (frequency / 2**o))``, not renormalised,
+``frequency`` being the feature size in pixels of the coarsest octave. Every sample and channel gets its own field
+(random gradients on a 256 x 256 periodic lattice, a random lattice offset per octave), vectorised in torch;
+``make_noise(..., shared=True)`` repeats one field over the batch, as the reference generator does. At the default
+(6 octaves, persistence 0.8, frequency 64) a 96x96 field has a std of about 0.55-0.6 and a neighbour-pixel
+correlation of about 0.95.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
-__all__ = ["simplex_noise", "make_noise", "NOISE_TYPES"]
 
 NOISE_TYPES = ("simplex", "gaussian")
 
@@ -39,8 +34,7 @@ def _opensimplex2d(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_
     """2D OpenSimplex noise at points ``(x, y)`` (N, P); row ``n`` uses the lattice gradients
     ``grad_x[n], grad_y[n]`` (N, 256 * 256), indexed by the vertex's skewed coordinates modulo 256."""
     stretch = (x + y) * _STRETCH
-    xsb = torch.floor(x + stretch)
-    ysb = torch.floor(y + stretch)
+    xsb, ysb = torch.floor(x + stretch), torch.floor(y + stretch)
     squish = (xsb + ysb) * _SQUISH
     dx0, dy0 = x - xsb - squish, y - ysb - squish  # position relative to the base vertex
     ix, iy = xsb.long(), ysb.long()
@@ -55,46 +49,25 @@ def _opensimplex2d(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_
     return value / _NORM
 
 
-def _generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    return generator.device if generator is not None else device
-
-
-def simplex_noise(
-    shape: Sequence[int],
-    octaves: int = 6,
-    persistence: float = 0.8,
-    frequency: float = 64,
-    generator: torch.Generator | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Fractal 2D simplex noise of ``shape`` (B, C, H, W), an independent field per sample and channel.
-
-    Args:
-        shape: output shape (B, C, H, W).
-        octaves: number of octaves; octave ``o`` has feature size ``frequency / 2**o`` pixels.
-        persistence: amplitude ratio between consecutive octaves.
-        frequency: feature size in pixels of the coarsest octave (the reference's name for it).
-        generator: torch random generator for reproducible fields (on any device).
-        device: device of the output (default: CPU).
-        dtype: floating dtype of the output.
-    """
+def simplex_noise(shape: Sequence[int], octaves: int = 6, persistence: float = 0.8, frequency: float = 64,
+                  generator: torch.Generator | None = None, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fractal 2D simplex noise of ``shape`` (B, C, H, W), an independent field per sample and channel, on
+    ``device`` (default CPU). Octave ``o`` has feature size ``frequency / 2**o`` pixels and amplitude
+    ``persistence**o``; ``generator`` (on any device) makes the fields reproducible."""
     if len(shape) != 4:
         raise ValueError(f"simplex_noise expects a shape (B, C, H, W), got {tuple(shape)}.")
     if octaves < 1 or frequency <= 0:
         raise ValueError(f"simplex_noise needs octaves >= 1 and frequency > 0, got {octaves} and {frequency}.")
     b, c, h, w = (int(s) for s in shape)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    n = b * c
-    # per-field randomness, drawn where the generator lives, then moved to the output device
-    rdev = _generator_device(generator, device)
+    device, n = torch.device(device or "cpu"), b * c
+    rdev = generator.device if generator is not None else device  # draw where the generator lives, then move
     which = torch.randint(len(_GRADIENTS), (n, _TABLE * _TABLE), generator=generator, device=rdev, dtype=torch.uint8)
     offsets = (torch.rand(octaves, n, 2, generator=generator, device=rdev) * _TABLE).to(device)
     gradients = torch.tensor(_GRADIENTS, dtype=torch.float32, device=device)
     which = which.to(device).long()
     grad_x, grad_y = gradients[which, 0], gradients[which, 1]  # (n, 256 * 256) lattice gradients
     del which
-
     rows = torch.arange(h, dtype=torch.float32, device=device).repeat_interleave(w)  # (P,)
     cols = torch.arange(w, dtype=torch.float32, device=device).repeat(h)
     noise = torch.zeros(n, h * w, dtype=torch.float32, device=device)
@@ -109,22 +82,16 @@ def simplex_noise(
 
 
 def make_noise(
-    images: torch.Tensor,
-    noise_type: str = "simplex",
-    generator: torch.Generator | None = None,
-    shared: bool = False,
-    **simplex_kwargs,
+    images: torch.Tensor, noise_type: str = "simplex", generator: torch.Generator | None = None, shared: bool = False
 ) -> torch.Tensor:
     """Noise shaped like ``images`` (B, C, H, W), on its device and dtype: ``"simplex"`` or ``"gaussian"``.
-
-    ``shared=True`` draws one (1, C, H, W) field and repeats it over the batch (the reference's choice).
-    """
+    ``shared=True`` draws one (1, C, H, W) field and repeats it over the batch (the reference's choice)."""
     noise_type = str(noise_type).lower()
     shape = (1, *images.shape[1:]) if shared else tuple(images.shape)
     if noise_type == "simplex":
-        noise = simplex_noise(shape, generator=generator, device=images.device, dtype=images.dtype, **simplex_kwargs)
+        noise = simplex_noise(shape, generator=generator, device=images.device, dtype=images.dtype)
     elif noise_type == "gaussian":
-        rdev = _generator_device(generator, images.device)
+        rdev = generator.device if generator is not None else images.device
         noise = torch.randn(shape, generator=generator, device=rdev, dtype=images.dtype).to(images.device)
     else:
         raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
