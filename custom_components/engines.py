@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
 from custom_components.utils import atomic_path, mlflow_metric_name
@@ -22,32 +22,24 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint.*?epoch=(\d+)\.pt$")
 
 def latest_checkpoint(directory) -> str | None:
     """The epoch checkpoint with the highest epoch number in ``directory`` (None when there is none)."""
-    directory = Path(directory)
-    found = [(int(m.group(1)), p) for p in directory.glob("*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))]
     return str(max(found)[1]) if found else None
 
 
 class ResumableCheckpoint:
-    """Save the training state every ``save_interval`` epochs and, at the start of training, load the latest
-    one from ``checkpoint_dir`` (if any), so an interrupted run continues where it stopped.
+    """Save the training state every epoch and, at the start of training, load the latest one from ``checkpoint_dir``
+    (unless ``resume=False``), so an interrupted run continues where it stopped. The trainer's own state (epoch,
+    iteration) joins ``save_dict`` at attach time, which a config cannot do without a circular reference."""
 
-    ``save_dict`` holds what must survive (network, optimizer, best-model saver state); the trainer's own state
-    (epoch, iteration) is added at attach time, which a config cannot do without a circular reference.
-    ``resume=False`` starts from scratch (and overwrites the old checkpoints).
-    """
-
-    def __init__(self, checkpoint_dir, save_dict: dict, resume: bool = True, save_interval: int = 1,
-                 map_location=None):
+    def __init__(self, checkpoint_dir, save_dict: dict, resume: bool = True):
         self.checkpoint_dir, self.save_dict, self.resume = str(checkpoint_dir), save_dict, resume
-        self.save_interval, self.map_location = save_interval, map_location
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:
         self.save_dict = {**self.save_dict, "trainer": engine}
         engine.add_event_handler(Events.STARTED, self)  # every process resumes
         if idist.get_rank() == 0:  # one process writes (and prunes) the checkpoints
-            CheckpointSaver(self.checkpoint_dir, self.save_dict, save_interval=self.save_interval,
-                            n_saved=1).attach(engine)
+            CheckpointSaver(self.checkpoint_dir, self.save_dict, save_interval=1, n_saved=1).attach(engine)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.prune)
 
     def prune(self, engine: Engine) -> None:
@@ -59,11 +51,10 @@ class ResumableCheckpoint:
 
     def __call__(self, engine: Engine) -> None:
         path = latest_checkpoint(self.checkpoint_dir) if self.resume else None
-        if path is None:
-            return
-        map_location = self.map_location or ("cpu" if not torch.cuda.is_available() else None)
-        CheckpointLoader(load_path=path, load_dict=self.save_dict, map_location=map_location)(engine)
-        self.logger.info(f"Resumed from {path} at epoch {engine.state.epoch}.")
+        if path is not None:
+            map_location = "cpu" if not torch.cuda.is_available() else None
+            CheckpointLoader(load_path=path, load_dict=self.save_dict, map_location=map_location)(engine)
+            self.logger.info(f"Resumed from {path} at epoch {engine.state.epoch}.")
 
 
 def prepare_image_as_target(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
@@ -73,13 +64,12 @@ def prepare_image_as_target(batchdata: dict, device=None, non_blocking: bool = F
 
 
 class BestModelState:
-    """The best validation score as ``state_dict`` / ``load_state_dict``, so it travels in the resume checkpoint: on
-    load it restores the validator's ``best_metric`` and primes the key-metric ``CheckpointSaver`` (through its
-    public ``load_state_dict``, in ignite's ``Checkpoint`` state format), so a resumed run never replaces a better
-    ``model.pt``. ``negative_sign``: the saver ranks ``-metric`` (a loss), as its ``key_metric_negative_sign``."""
+    """The best validation loss as ``state_dict`` / ``load_state_dict``, so it travels in the resume checkpoint: on
+    load it restores the validator's ``best_metric`` and primes the key-metric ``CheckpointSaver`` of ``model.pt``
+    (ranking ``-loss``) in ignite's ``Checkpoint`` state format, so a resumed run never replaces a better model."""
 
-    def __init__(self, validator, saver, filename: str = "model.pt", negative_sign: bool = True):
-        self.validator, self.saver, self.filename, self.sign = validator, saver, filename, -1 if negative_sign else 1
+    def __init__(self, validator, saver):
+        self.validator, self.saver = validator, saver
 
     def state_dict(self) -> dict:
         return {"best_metric": float(self.validator.state.best_metric),
@@ -89,37 +79,32 @@ class BestModelState:
         self.validator.state.best_metric = state_dict["best_metric"]
         self.validator.state.best_metric_epoch = state_dict["best_metric_epoch"]
         if state_dict["best_metric_epoch"] >= 0:  # a model.pt was written
-            self.saver.load_state_dict({"_saved": [(self.sign * state_dict["best_metric"], self.filename)]})
+            self.saver.load_state_dict({"_saved": [(-state_dict["best_metric"], "model.pt")]})
 
 
 class SaveVolumeEmbeddings:
     """Write the evaluator's per-volume output (all slices of one volume per iteration) to
     ``output_dir/<name>.pt`` as a (slices, features) tensor, atomically."""
 
-    def __init__(self, output_dir, name_key: str = "name"):
-        self.output_dir, self.name_key = Path(output_dir), name_key
+    def __init__(self, output_dir):
+        self.output_dir = Path(output_dir)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        names = engine.state.batch[self.name_key]
-        if len(set(names)) != 1:
+        names = engine.state.batch["name"]
+        if len(set(names)) != 1:  # a batch_size above 1 would mix volumes
             raise ValueError(f"One volume per batch expected, got slices of {sorted(set(names))}.")
         pred = engine.state.output["pred"]
         with atomic_path(self.output_dir / f"{names[0]}.pt") as tmp:
-            torch.save(torch.Tensor(pred.as_tensor() if hasattr(pred, "as_tensor") else pred).detach().cpu(), tmp)
+            torch.save(torch.Tensor(pred.as_tensor() if isinstance(pred, MetaTensor) else pred).detach().cpu(), tmp)
 
 
-# ------------------------------------------------------------------------------------------------------
-# experiment tracking (``python -m monai.bundle run ... --tracking mlflow``)
-# ------------------------------------------------------------------------------------------------------
 def track(handlers: list, params: Mapping, artifacts=(), output_dir=None) -> list:
-    """``handlers`` with the ``MLFlowHandler`` that ``--tracking mlflow`` appended to them (if any) set to log
-    ``params`` when its run opens and the ``artifacts`` that exist (files or folders) when the engine completes.
-
-    ``output_dir``: where MONAI wrote the executed config (``config_<time>.json``); added to the artifacts when
-    MONAI's own path to it is no file, which happens when ``--output_dir`` is a plain path, not an expression."""
+    """``handlers`` with the ``MLFlowHandler`` that ``--tracking mlflow`` appended (if any) set to log ``params`` when
+    its run opens and the ``artifacts`` that exist when the engine completes, plus the executed config MONAI wrote
+    to ``output_dir`` when MONAI's own path to it is no file (``--output_dir`` a plain path, not an expression)."""
     for handler in handlers or []:
         if isinstance(handler, MLFlowHandler):
             configs = sorted(glob.glob(str(Path(output_dir) / "config_*.json"))) if output_dir else []
@@ -131,15 +116,14 @@ def track(handlers: list, params: Mapping, artifacts=(), output_dir=None) -> lis
 
 
 class MetricsEngine(Engine):
-    """An engine of one iteration that calls ``compute()`` and publishes its numbers in ``state.metrics``, so
-    that engine handlers (``--tracking mlflow``, ``StatsHandler``) serve a workflow that is one computation over
-    files rather than a loop over a data loader. ``metrics_transform`` picks the numbers to publish (default:
-    every finite number of the nested result, keys joined with ``/``); the result itself is ``state.output``."""
+    """An engine of one iteration that calls ``compute()`` and publishes the numbers ``metrics_transform`` picks from
+    its result in ``state.metrics`` (the result itself is ``state.output``), so that engine handlers (``--tracking
+    mlflow``, ``StatsHandler``) serve a workflow that is one computation over files, not a loop over a data loader."""
 
-    def __init__(self, compute: Callable[[], Mapping], metrics_transform: Callable[[Mapping], Mapping] | None = None,
+    def __init__(self, compute: Callable[[], Mapping], metrics_transform: Callable[[Mapping], Mapping],
                  val_handlers=None):
         super().__init__(self._iteration)
-        self.compute, self.metrics_transform = compute, metrics_transform or flat_numbers
+        self.compute, self.metrics_transform = compute, metrics_transform
         for handler in val_handlers or []:
             handler.attach(self)
 
@@ -150,15 +134,3 @@ class MetricsEngine(Engine):
 
     def run(self, data=None, max_epochs: int | None = None, epoch_length: int | None = None):  # type: ignore[override]
         return super().run([None] if data is None else data, max_epochs=max_epochs or 1, epoch_length=epoch_length)
-
-
-def flat_numbers(result: Mapping, prefix: str = "") -> dict[str, float]:
-    """Every finite int / float of a nested mapping, keyed by its path (``reference/mAP@30``)."""
-    out: dict[str, float] = {}
-    for key, value in result.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_numbers(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-    return out

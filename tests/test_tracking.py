@@ -7,17 +7,15 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
-from custom_components.engines import MetricsEngine, flat_numbers, track
+from custom_components.engines import MetricsEngine, track
 from custom_components.utils import mlflow_metric_name
 
 mlflow = pytest.importorskip("mlflow")
 
 
-def test_metric_names_and_flat_numbers():
+def test_metric_names():
     assert mlflow_metric_name("mAP@50:95") == "mAP_50-95"
     assert mlflow_metric_name("fpr5%/dice") == "fpr5pct/dice"
-    nested = {"a": {"b": 1, "c": float("nan"), "d": True, "e": {"f": 2.5}}, "g": "text", "h": 3}
-    assert flat_numbers(nested) == {"a/b": 1.0, "a/e/f": 2.5, "h": 3.0}
 
 
 def _tracked_run(tmp_path, params, artifacts=(), output_dir=None, run_name="run") -> str:
