@@ -37,30 +37,12 @@ def _rewrite_mode(path: str, mode: str) -> str:
 
 def _resolve(data_root: Path, path) -> str | None:
     """An absolute path under ``data_root`` for a CSV path; None for an empty cell."""
-    if not isinstance(path, str) or not path.strip():
-        return None
-    return str(data_root / path.strip().lstrip("/"))
-
-
-def _available_t2(splits_dir: Path) -> set[str]:
-    avail = splits_dir / AVAIL_T2
-    if not avail.is_file():
-        raise DataError(f"Mode 't2' needs {avail} (the list of IXI subjects with a T2 volume); it does not exist.")
-    return set(pd.read_csv(avail, index_col=0).iloc[:, 0].astype(str).map(lambda s: Path(s).name))
-
-
-def _missing_files_error(csv_path: Path, missing: list[str]) -> DataError:
-    shown = "\n  ".join(missing[:20])
-    more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
-    return DataError(f"{len(missing)} file(s) listed in {csv_path} are missing:\n  {shown}{more}")
+    return str(data_root / path.strip().lstrip("/")) if isinstance(path, str) and path.strip() else None
 
 
 def read_split(csv_path, data_root, mode: str = "t2", check_files: bool = True) -> list[dict]:
-    """Read one distributed split CSV into a list of dicts with ``image``, ``mask``, ``seg`` (None for
-    healthy rows), ``name``, ``age`` and ``label``; paths absolute under ``data_root``.
-
-    Raises one :class:`DataError` listing every missing file (the first 20 and a count).
-    """
+    """One distributed split CSV as dicts with ``image``, ``mask``, ``seg`` (None for healthy rows), ``name``, ``age``
+    and ``label``, paths absolute under ``data_root``; one :class:`DataError` lists the missing files (first 20)."""
     if mode not in MODES:
         raise DataError(f"mode must be one of {MODES}, got {mode!r}.")
     csv_path, data_root = Path(csv_path), Path(data_root)
@@ -70,12 +52,14 @@ def read_split(csv_path, data_root, mode: str = "t2", check_files: bool = True) 
     missing_columns = {"img_name", "label", "img_path", "mask_path"} - set(table.columns)
     if missing_columns:
         raise DataError(f"{csv_path} lacks the column(s) {sorted(missing_columns)}; found {list(table.columns)}.")
-    if mode == "t2" and table["img_path"].astype(str).str.contains("/ixi/", case=False).any():
-        available = _available_t2(csv_path.parent)
+    is_ixi = table["img_path"].astype(str).str.contains("/ixi/", case=False)
+    if mode == "t2" and is_ixi.any():
+        avail = csv_path.parent / AVAIL_T2
+        if not avail.is_file():
+            raise DataError(f"Mode 't2' needs {avail} (the list of IXI subjects with a T2 volume); it does not exist.")
+        available = set(pd.read_csv(avail, index_col=0).iloc[:, 0].astype(str).map(lambda s: Path(s).name))
         rewritten = table["img_path"].astype(str).map(lambda p: Path(_rewrite_mode(p, mode)).name)
-        is_ixi = table["img_path"].astype(str).str.contains("/ixi/", case=False)
         table = table[~is_ixi | rewritten.isin(available)]
-
     items = []
     for row in table.itertuples(index=False):
         age = getattr(row, "age", None)
@@ -87,18 +71,17 @@ def read_split(csv_path, data_root, mode: str = "t2", check_files: bool = True) 
             "age": None if pd.isna(age) else float(age),
             "label": int(row.label),
         })
-    if check_files:
-        missing = [p for item in items for p in (item["image"], item["mask"], item["seg"])
-                   if p is not None and not Path(p).is_file()]
-        if missing:
-            raise _missing_files_error(csv_path, missing)
+    missing = [p for item in items for p in (item["image"], item["mask"], item["seg"])
+               if check_files and p is not None and not Path(p).is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise DataError(f"{len(missing)} file(s) listed in {csv_path} are missing:\n  {shown}")
     return items
 
 
 def split_names(data_root) -> list[str]:
     """The split CSVs present under ``data_root/splits`` (without ``avail_t2``), sorted."""
-    splits_dir = Path(data_root) / SPLITS_DIR
-    return sorted(p.stem for p in splits_dir.glob("*.csv") if p.name != AVAIL_T2)
+    return sorted(p.stem for p in (Path(data_root) / SPLITS_DIR).glob("*.csv") if p.name != AVAIL_T2)
 
 
 def load_split(data_root, name: str, mode: str = "t2") -> list[dict]:
@@ -132,9 +115,8 @@ def transform_settings(obj):
 
 def volume_dataset(items: list[dict], cache_dir, preprocessing: Sequence, transform=None) -> PersistentDataset:
     """The volumes of ``items`` through ``preprocessing`` (the deterministic transform list of a bundle's
-    ``common.yaml``), computed once and cached on disk in ``cache_dir`` under a name made of the item and the
-    transforms' settings, so other settings never reuse stale volumes; ``transform`` (slicing, augmentation) runs
-    after the cache."""
+    ``common.yaml``), cached on disk in ``cache_dir`` under a name made of the item and the transforms' settings, so
+    other settings never reuse stale volumes; ``transform`` (slicing, augmentation) runs after the cache."""
     # a Compose counts as random for PersistentDataset, so wrapping ``transform`` in one stops the cache there;
     # the cache names hash ``preprocessing`` alone (MONAI's own hash would look into that Compose)
     steps = [*preprocessing, *([Compose([transform])] if transform else [])]
