@@ -33,7 +33,7 @@ from monai.transforms import Compose  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
 from custom_components.data import load_split, volume_dataset  # noqa: E402
-from custom_components.utils import bundle_config  # noqa: E402
+from custom_components.demo import bundle_config  # noqa: E402
 
 
 def preprocessing_pass(items: list[dict], cache_dir: Path) -> float:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from custom_components import metrics as M  # noqa: E402
 from custom_components.data import load_split, volume_dataset  # noqa: E402
-from custom_components.utils import bundle_config  # noqa: E402
+from custom_components.demo import bundle_config  # noqa: E402
 
 DATASETS = ("Brats21", "MSLUB")
 DEFAULT_SIZES = dict(n_ixi=40, n_brats=16, n_mslub=12, n_nova=24)

@@ -34,7 +34,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_components.data import load_split, volume_dataset  # noqa: E402
-from custom_components.utils import bundle_config  # noqa: E402
+from custom_components.demo import bundle_config  # noqa: E402
 from custom_components.networks.backbone import backbone_pyramid, resnet_backbone  # noqa: E402
 from custom_components.networks.diffusion_unet import load_backbone_state  # noqa: E402
 

@@ -130,6 +130,18 @@ def bundle_command(bundle: str, configs: list[str], overrides: dict) -> list[str
             "--bundle_root", f"bundles/{bundle}", *_overrides(overrides)]
 
 
+def bundle_config(bundle: str, configs=("common.yaml",), **overrides):
+    """``bundles/<bundle>/configs/<configs>`` merged and parsed as ``monai.bundle run`` would, with ``overrides``
+    as ids: for scripts that reuse a bundle's objects (its preprocessing list, its training transforms)."""
+    from monai.bundle import ConfigParser
+
+    folder = REPO / "bundles" / bundle
+    parser = ConfigParser()
+    parser.read_config([str(folder / "configs" / name) for name in configs])
+    parser.update({"bundle_root": str(folder), **overrides})
+    return parser
+
+
 def _quote(arg: str) -> str:
     """Shell quoting that keeps ``"['a.yaml','b.yaml']"`` readable."""
     if shlex.quote(arg) == arg:

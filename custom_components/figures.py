@@ -11,8 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from custom_components.utils import atomic_path  # noqa: E402
 
-__all__ = ["plt", "save_figure"]
-
 
 def save_figure(fig, out) -> Path:
     """Write a figure atomically (temp file + rename) and close it."""

@@ -17,8 +17,7 @@ import numpy as np
 @contextmanager
 def atomic_path(path, ext: str = ""):
     """A temporary file beside ``path`` to write to: moved onto ``path`` when the block succeeds, removed when it
-    fails, so a reader never sees half a file. ``ext`` ends the temporary name, for writers that pick the format
-    from it (``.png``, ``.nii.gz``)."""
+    fails. ``ext`` ends the temporary name, for writers that pick the format from it (``.png``, ``.nii.gz``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
@@ -49,11 +48,8 @@ def json_safe(value):
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+        return float(value) if math.isfinite(value) else None
+    return str(value) if isinstance(value, Path) else value
 
 
 def write_json_atomic(path, obj) -> str:
@@ -63,19 +59,16 @@ def write_json_atomic(path, obj) -> str:
 
 def as_bool(value, name: str = "value") -> bool:
     """A yes/no setting that may arrive as a string from the command line (``--baseline true``)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0", "", "none", "null"):
-            return False
+    if not isinstance(value, str):
+        return bool(value)
+    text = value.strip().lower()
+    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0", "", "none", "null"):
         raise ValueError(f"{name} must be true or false, got {value!r}.")
-    return bool(value)
+    return text in ("true", "yes", "on", "1")
 
 
 def check_choice(name: str, value, choices: tuple, lower: bool = False) -> str:
-    """``value`` (lower-cased first when ``lower``) if it is one of ``choices``; else a ValueError that names
-    the setting."""
+    """``value`` (lower-cased first when ``lower``) if one of ``choices``, else a ValueError naming the setting."""
     key = str(value).lower() if lower else value
     if key not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
@@ -97,15 +90,3 @@ def to_diffusion_range(x):
 def from_diffusion_range(y):
     """The diffusion model's [-1, 1] -> [0, 1] intensities (no clipping)."""
     return (y + 1) / 2
-
-
-def bundle_config(bundle: str, configs=("common.yaml",), **overrides):
-    """``bundles/<bundle>/configs/<configs>`` merged and parsed as ``monai.bundle run`` would, with ``overrides``
-    as ids: for scripts that reuse a bundle's objects (its preprocessing list, its training transforms)."""
-    from monai.bundle import ConfigParser
-
-    folder = Path(__file__).resolve().parents[1] / "bundles" / bundle
-    parser = ConfigParser()
-    parser.read_config([str(folder / "configs" / name) for name in configs])
-    parser.update({"bundle_root": str(folder), **overrides})
-    return parser
