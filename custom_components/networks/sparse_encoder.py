@@ -1,9 +1,7 @@
 """Sparse masked encoder (SparK-style) and the target-invariant encoder built on it.
 
-A slice is cut into 32x32 patches (the backbone's downsample ratio), most of them are hidden, and the
-wrapped ResNet (``resnet_backbone``, unchanged parameter names) is run so that hidden positions stay
-exactly zero after every conv / norm / pool and batch-norm statistics come from visible positions only.
-The backbone module itself is used as is, so its ``state_dict`` is the plain backbone's (``models/model.pt``).
+A slice is cut into 32x32 patches, most of them hidden; the wrapped ``resnet_backbone`` (used as is, so its
+``state_dict`` is the plain backbone's) runs so that hidden positions stay exactly zero at every layer.
 """
 
 from __future__ import annotations
@@ -22,10 +20,8 @@ DOWNSAMPLE_RATIO = 32  # output stride of the backbone = side of one mask patch 
 def patch_grid(height: int, width: int) -> tuple[int, int]:
     """The patch grid of an image of ``height`` x ``width`` pixels; both must be divisible by 32."""
     if height % DOWNSAMPLE_RATIO or width % DOWNSAMPLE_RATIO or height <= 0 or width <= 0:
-        raise ValueError(
-            f"Sparse encoder input height and width must be positive multiples of {DOWNSAMPLE_RATIO}, "
-            f"got {height}x{width}."
-        )
+        raise ValueError(f"Sparse encoder input height and width must be positive multiples of {DOWNSAMPLE_RATIO}, "
+                         f"got {height}x{width}.")
     return height // DOWNSAMPLE_RATIO, width // DOWNSAMPLE_RATIO
 
 
@@ -73,33 +69,27 @@ class _MaskPyramid:
 
 def masked_batch_norm(bn: _BatchNorm, x: torch.Tensor, mask: torch.Tensor,
                       indices: torch.Tensor | None = None) -> torch.Tensor:
-    """Batch norm of ``x`` (B, C, H, W) over its visible positions only (``mask`` (B, 1, H, W) in x's dtype),
-    zero at hidden ones, using and updating ``bn``'s parameters, statistics and counter as ``nn.BatchNorm2d`` would
-    on the visible positions alone. With ``indices`` (B, K) (flat visible positions, K per sample) the visible
-    values are gathered for the fused kernel; without them masked sums are used."""
+    """``bn`` applied (and its statistics updated) as on the visible positions of ``x`` alone, zero at hidden ones.
+    ``mask`` (B, 1, H, W) is in x's dtype; with ``indices`` (B, K) the visible values are gathered for the fused
+    kernel, without them masked sums are used."""
     if not (bn.training or bn.running_mean is None):  # eval: a per-channel affine map, as the dense layer
         out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return out.mul_(mask)
-    factor = 0.0 if bn.momentum is None else bn.momentum  # as nn.BatchNorm2d: count the batch, pick the factor
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    update = bn.training and bn.track_running_stats  # as nn.BatchNorm2d: count the batch, pick the factor
+    if update:
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
-    update = bn.training and bn.track_running_stats
-    running_mean = bn.running_mean if update else None
-    running_var = bn.running_var if update else None
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked) if update else 0.0
+    running_mean, running_var = (bn.running_mean, bn.running_var) if update else (None, None)
     if indices is not None:
-        batch, channels = x.shape[:2]
-        flat = x.reshape(batch, channels, -1)
-        idx = indices.unsqueeze(1).expand(-1, channels, -1)
+        flat = x.flatten(2)
+        idx = indices.unsqueeze(1).expand(-1, x.shape[1], -1)
         visible = torch.gather(flat, 2, idx)  # (B, C, K): batch norm over B and K = visible positions
         normed = F.batch_norm(visible, running_mean, running_var, bn.weight, bn.bias, True, factor, bn.eps)
         return torch.zeros_like(flat, dtype=normed.dtype).scatter_(2, idx, normed).view_as(x)
-    dims = (0, 2, 3)
     count = mask.sum()  # visible positions over batch and space, the same for every channel
-    mean = (x * mask).sum(dims) / count
+    mean = (x * mask).sum((0, 2, 3)) / count
     centred = (x - mean.view(1, -1, 1, 1)) * mask
-    var = (centred * centred).sum(dims) / count
+    var = (centred * centred).sum((0, 2, 3)) / count
     inv_std = torch.rsqrt(var + bn.eps)
     scale = inv_std if bn.weight is None else inv_std * bn.weight
     out = centred * scale.view(1, -1, 1, 1)
@@ -123,16 +113,12 @@ class SparseEncoder(nn.Module):
         self.out_channels = backbone_channels(depth)
 
     def forward(self, x: torch.Tensor, active: torch.Tensor, mask_input: bool = True) -> list[torch.Tensor]:
-        """The four pyramid levels (strides 4, 8, 16, 32) of ``x`` (B, C, H, W) under the patch mask ``active``
-        (B, 1, H/32, W/32), True = visible. ``mask_input=True`` zeroes the hidden patches of the input first (the
-        masked view); ``False`` feeds the intact slice, so hidden content reaches visible positions only through
-        the first convolution's receptive field (the intact view)."""
+        """The four pyramid levels (strides 4, 8, 16, 32) of ``x`` under the patch mask ``active`` (B, 1, H/32, W/32),
+        True = visible. ``mask_input``: zero the hidden input patches first (masked view), else the intact view."""
         grid = patch_grid(*x.shape[-2:])
         if tuple(active.shape) != (x.shape[0], 1, *grid):
-            raise ValueError(
-                f"Patch mask must have shape ({x.shape[0]}, 1, {grid[0]}, {grid[1]}) for input {tuple(x.shape)}, "
-                f"got {tuple(active.shape)}."
-            )
+            raise ValueError(f"Patch mask must have shape ({x.shape[0]}, 1, {grid[0]}, {grid[1]}) for input "
+                             f"{tuple(x.shape)}, got {tuple(active.shape)}.")
         active = active.to(device=x.device, dtype=torch.bool)
         masks = _MaskPyramid(active)
         if mask_input:
@@ -180,16 +166,10 @@ def _up_block(cin: int, cout: int, spark: bool) -> nn.Sequential:
     (kernel 4), 3x3 conv + BN + ReLU6, 3x3 conv + BN."""
     if not spark:
         up = nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
-        conv = nn.Conv2d(cout, cout, kernel_size=3, padding=1, bias=False)
-        return nn.Sequential(up, conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-    return nn.Sequential(
-        nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1),
-        nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(cin),
-        nn.ReLU6(inplace=True),
-        nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-    )
+        return nn.Sequential(up, nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+    return nn.Sequential(nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1),
+                         nn.Conv2d(cin, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
+                         nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
 
 
 class _PyramidDecoder(nn.Module):
@@ -255,14 +235,10 @@ class SparKDecoder(_PyramidDecoder):
 
 
 class TargetInvariantEncoder(nn.Module):
-    """Sparse masked encoder + decoder (``"light"`` or the reference's ``"spark"``), with pooled embeddings of the
-    masked and of the intact view; ``drop_path``: stochastic depth of the ResNet (reference 0.05, off in eval mode).
-
-    ``forward(x, generator=None)`` draws a patch mask (mask ratio 0.65: 3 of 9 patches visible at 96x96), encodes
-    both views with the same mask, decodes the masked one and returns ``reconstruction`` (B, 1, H, W),
-    ``patch_mask`` (B, 1, H/32, W/32, True = visible), ``z_masked`` and ``z_intact`` (B, C): the deepest features
-    averaged over visible positions only.
-    """
+    """Sparse masked encoder + decoder (``"light"`` or the reference's ``"spark"``); ``drop_path``: the ResNet's
+    stochastic depth (reference 0.05). ``forward`` draws a patch mask (0.65: 3 of 9 patches visible at 96x96),
+    encodes both views with it and returns ``reconstruction`` (of the masked view), ``patch_mask`` (True = visible),
+    ``z_masked`` and ``z_intact`` (B, C): the deepest features averaged over visible positions."""
 
     def __init__(self, depth: int = 50, in_channels: int = 1, mask_ratio: float = 0.65, decoder_width: int = 512,
                  decoder: str = "light", drop_path: float = 0.0):
@@ -281,9 +257,5 @@ class TargetInvariantEncoder(nn.Module):
         masked = self.encoder(x, active, mask_input=True)
         intact = self.encoder(x, active, mask_input=False)
         visible = [upsample_mask(active, tuple(f.shape[-2:])) for f in masked]
-        return {
-            "reconstruction": self.decoder(masked, visible),
-            "patch_mask": active,
-            "z_masked": SparseEncoder.pool(masked[-1], active),
-            "z_intact": SparseEncoder.pool(intact[-1], active),
-        }
+        return {"reconstruction": self.decoder(masked, visible), "patch_mask": active,
+                "z_masked": SparseEncoder.pool(masked[-1], active), "z_intact": SparseEncoder.pool(intact[-1], active)}
