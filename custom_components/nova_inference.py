@@ -1,8 +1,6 @@
 """NOVA benchmark, inference: boxes from the reconstruction residual of each image, written as a predictions file.
-
 The reference protocol reconstructs the native image; the project protocol first brings it into the training frame
-(``NovaTrainingFramed``) and calibrates the threshold on healthy residuals (``HealthyThreshold``).
-"""
+(``NovaTrainingFramed``) and calibrates the threshold on healthy residuals (``HealthyThreshold``)."""
 
 from __future__ import annotations
 
@@ -31,11 +29,9 @@ TRAINING_BRAIN_AREA = 72.0 * 90.0
 
 def boxes_from_residual(residual: np.ndarray, threshold: float = 0.5, top_k: int | None = 5,
                         median_size: int | None = 5) -> list[dict]:
-    """Boxes ``[{"x_min", "y_min", "x_max", "y_max", "score"}]`` (max exclusive, as regionprops) of a 2D residual map.
-
-    Median filter (None or 1 = none), ``> threshold``, 4-connected components, ``score`` = mean unfiltered residual
-    in the component; the ``top_k`` largest boxes by area (stable on ties; None = all), largest first.
-    """
+    """Boxes ``[{"x_min", "y_min", "x_max", "y_max", "score"}]`` (max exclusive, as regionprops) of a 2D residual map:
+    median filter (None or 1 = none), ``> threshold``, 4-connected components, ``score`` = mean unfiltered residual;
+    the ``top_k`` largest boxes by area (stable on ties; None = all), largest first."""
     residual = np.asarray(residual, dtype=np.float64)
     smoothed = residual if median_size in (None, 1) else ndimage.median_filter(residual, size=int(median_size))
     labels, n = ndimage.label(smoothed > threshold)  # default structure = 4-connectivity in 2D
@@ -48,12 +44,9 @@ def boxes_from_residual(residual: np.ndarray, threshold: float = 0.5, top_k: int
 
 
 def head_mask(image: np.ndarray, erosion: float = 3.0 / 86.0) -> np.ndarray:
-    """Boolean mask of the brain region of a 2D slice in [0, 1], skull or not.
-
-    The head is what lies above a tenth of Otsu's level (holes filled, largest component); the brain is the large
-    region above half Otsu's level (the dark skull cuts it from the scalp) closest to the head's centre, holes
-    filled, eroded by ``erosion`` x its extent (the protocol erodes by about 3 of the 86 pixels of a training brain).
-    """
+    """Boolean brain mask of a 2D slice in [0, 1], skull or not: the large region above half Otsu's level (the dark
+    skull cuts it from the scalp) closest to the centre of the head (> a tenth of Otsu's level, largest component),
+    holes filled, eroded by ``erosion`` x its extent (the protocol: about 3 of the 86 pixels of a training brain)."""
     from skimage.filters import threshold_otsu
 
     image = np.asarray(image, dtype=np.float32)
@@ -73,25 +66,19 @@ def head_mask(image: np.ndarray, erosion: float = 3.0 / 86.0) -> np.ndarray:
     return ndimage.binary_erosion(mask, iterations=iterations) if iterations > 0 else mask
 
 
-def _to_training_orientation(image: np.ndarray) -> np.ndarray:
-    """Radiological display (anterior up, patient's right on the left) -> training voxel order (rows left to right,
-    columns posterior to anterior)."""
+def _to_training_orientation(image: np.ndarray) -> np.ndarray:  # radiological display -> rows L-R, cols P-A
     return np.ascontiguousarray(np.asarray(image).T[::-1, ::-1])
 
 
 class NovaTrainingFramed:
-    """Dictionary transform for the project protocol: bring a native NOVA slice ``d[key]`` into the training frame.
-
-    Keeps ``native_image``, ``head_mask`` (all True without ``use_head_mask``) and ``frame`` (zoom, head centre row
-    and column, native height and width, reoriented flag); the model input is reoriented (``training_orientation``)
-    and, under ``training_scale``, rescaled from the head's 1st-99th percentile to [0, 1] and resampled (antialiased,
-    bilinear) so the head's bounding box has an average training brain's area on a 96 x 96 canvas.
-    """
+    """Project protocol: bring a native NOVA slice ``d[key]`` into the training frame, keeping ``native_image``,
+    ``head_mask`` and ``frame`` (zoom, head centre row and column, native height and width, reoriented flag). Under
+    ``training_scale`` the head's 1st-99th percentile becomes [0, 1] and it is resampled (antialiased, bilinear) so
+    its bounding box has an average training brain's area on a 96 x 96 canvas."""
 
     def __init__(self, key: str = "image", use_head_mask: bool | str = True, training_scale: bool | str = True,
                  training_orientation: bool | str = True) -> None:
-        self.key = key
-        self.use_head_mask = as_bool(use_head_mask, "head_mask")
+        self.key, self.use_head_mask = key, as_bool(use_head_mask, "head_mask")
         self.training_scale = as_bool(training_scale, "training_scale")
         self.reorient = as_bool(training_orientation, "training_orientation")
 
@@ -99,13 +86,12 @@ class NovaTrainingFramed:
         d = dict(data)
         native = np.asarray(d[self.key], dtype=np.float32).reshape(np.shape(d[self.key])[-2:])
         head = head_mask(native) if self.use_head_mask else np.ones(native.shape, bool)
-        image = _to_training_orientation(native) if self.reorient else native
+        orient = _to_training_orientation if self.reorient else np.asarray
+        image = orient(native)
         frame = np.array([1.0, 0.0, 0.0, *native.shape, float(self.reorient)], dtype=np.float32)
         if self.training_scale:
-            full = head_mask(native, erosion=0.0)
-            full = _to_training_orientation(full) if self.reorient else full
-            if not full.any():
-                full = np.ones(image.shape, bool)
+            full = orient(head_mask(native, erosion=0.0))
+            full = full if full.any() else np.ones(image.shape, bool)
             rows, cols = np.nonzero(full)
             zoom = math.sqrt(TRAINING_BRAIN_AREA / float((np.ptp(rows) + 1) * (np.ptp(cols) + 1)))  # head's box
             frame[:3] = (zoom, (rows.min() + rows.max()) / 2.0, (cols.min() + cols.max()) / 2.0)
@@ -127,45 +113,40 @@ def residual_to_native(residual: np.ndarray, frame: np.ndarray) -> np.ndarray:
     residual = np.asarray(residual, dtype=np.float32)
     zoom, cr, cc, height, width, reoriented = (float(v) for v in np.asarray(frame, dtype=np.float64).reshape(-1))
     shape = (int(width), int(height)) if reoriented else (int(height), int(width))
-    out = residual
     if zoom != 1.0 or residual.shape != shape:
         rows, cols = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
         centre = (residual.shape[0] - 1) / 2.0
         coords = np.stack([(rows - cr) * zoom + centre, (cols - cc) * zoom + centre])
-        out = ndimage.map_coordinates(residual, coords, order=1, cval=0.0).astype(np.float32)
-    return np.ascontiguousarray(out.T[::-1, ::-1]) if reoriented else out  # back to the display orientation
+        residual = ndimage.map_coordinates(residual, coords, order=1, cval=0.0).astype(np.float32)
+    return np.ascontiguousarray(residual.T[::-1, ::-1]) if reoriented else residual  # back to the display orientation
 
 
-def healthy_threshold(network, inferer, volumes, fpr: float = 0.05, device="cpu", slice_step: int = 2,
-                      batch_size: int = 32) -> float:
-    """The residual level exceeded by a fraction ``fpr`` of the healthy brain pixels, pooled over every
-    ``slice_step``-th slice with brain of ``volumes`` (``image`` and ``mask`` (1, H, W, D), e.g. the IXI val split),
-    inside the brain mask eroded as the protocol does."""
+def healthy_threshold(network, inferer, volumes, fpr: float = 0.05, device="cpu") -> float:
+    """The residual level exceeded by a fraction ``fpr`` of the healthy brain pixels (eroded mask, as the protocol),
+    pooled over every second slice with brain of ``volumes`` (``image``, ``mask`` (1, H, W, D), e.g. IXI val)."""
     if not 0.0 < float(fpr) < 1.0:
         raise ValueError(f"healthy_fpr must lie in (0, 1), got {fpr!r}")
     slices, masks = [], []
     for item in volumes:
-        image = np.asarray(item["image"], dtype=np.float32)[0]
         mask = erode_brain_mask(np.asarray(item["mask"])[0] > 0)
-        keep = np.flatnonzero(mask.any(axis=(0, 1)))[:: max(int(slice_step), 1)]
-        slices += [image[..., z] for z in keep]
+        keep = np.flatnonzero(mask.any(axis=(0, 1)))[::2]
+        slices += [np.asarray(item["image"], dtype=np.float32)[0, ..., z] for z in keep]
         masks += [mask[..., z] for z in keep]
     if not slices:
         raise ValueError("healthy_threshold: no healthy slice with brain to calibrate on")
     values = []
     network.eval()
     with torch.no_grad():
-        for start in range(0, len(slices), batch_size):
-            x = torch.as_tensor(np.stack(slices[start:start + batch_size])[:, None] * 2.0 - 1.0, device=device)
+        for s in range(0, len(slices), 32):
+            x = torch.as_tensor(np.stack(slices[s:s + 32])[:, None] * 2.0 - 1.0, device=device)
             recon = inferer(x, network).float().cpu().numpy()
-            for i, m in enumerate(masks[start:start + batch_size]):
-                values.append(residual_01(x[i, 0].cpu().numpy(), recon[i, 0])[m])
+            values += [residual_01(x[i, 0].cpu().numpy(), recon[i, 0])[m] for i, m in enumerate(masks[s:s + 32])]
     return float(np.quantile(np.concatenate(values), 1.0 - float(fpr)))
 
 
 class HealthyThreshold:
-    """Engine handler: when the run starts (after the weights are loaded), set ``writer.threshold`` to
-    :func:`healthy_threshold` on ``volumes`` (or what calling it returns); ``enabled=False`` keeps it as configured."""
+    """Engine handler: when the run starts (weights loaded), set ``writer.threshold`` to :func:`healthy_threshold` on
+    what ``volumes()`` returns; ``enabled=False`` keeps it as configured."""
 
     def __init__(self, writer, network, inferer, volumes, fpr: float = 0.05, enabled: bool | str = True,
                  device="cpu") -> None:
@@ -177,10 +158,8 @@ class HealthyThreshold:
 
     def __call__(self, engine=None) -> None:
         if self.enabled:
-            volumes = self.volumes() if callable(self.volumes) else self.volumes
-            self.writer.threshold = healthy_threshold(self.network, self.inferer, volumes, self.fpr, self.device)
-            logger.info(f"NOVA threshold calibrated on healthy residuals: {self.writer.threshold:.4f} "
-                        f"(pixel FPR {float(self.fpr):g})")
+            self.writer.threshold = healthy_threshold(self.network, self.inferer, self.volumes(), self.fpr, self.device)
+            logger.info(f"NOVA healthy-residual threshold: {self.writer.threshold:.4f} (pixel FPR {float(self.fpr):g})")
 
 
 def residual_01(image: np.ndarray, recon: np.ndarray) -> np.ndarray:
@@ -205,14 +184,12 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, gt_boxes: np.ndarra
 
 
 class NovaBoxWriter:
-    """Evaluator handler (``decollate=False``): :func:`boxes_from_residual` of each image's :func:`residual_01`, written
-    to ``predictions_file`` as ``{filename: [{x_min, y_min, x_max, y_max, score}, ...]}`` when the run completes,
-    overlays in ``overlay_dir``. :class:`NovaTrainingFramed` batches: the residual goes back to the native pixels,
-    inside the head mask, and the overlay is drawn on the native image."""
+    """Evaluator handler (``decollate=False``): :func:`boxes_from_residual` of each image's :func:`residual_01` (for
+    :class:`NovaTrainingFramed` batches on the native pixels, inside the head mask), written to ``predictions_file``
+    as ``{filename: [{x_min, y_min, x_max, y_max, score}, ...]}`` when the run completes; overlays in overlay_dir."""
 
     def __init__(self, predictions_file: str | os.PathLike, threshold: float = 0.5, top_k: int | None = 5,
-                 median_size: int | None = 5, overlay_dir: str | os.PathLike | None = None,
-                 save_overlays: bool | str = True) -> None:
+                 median_size: int | None = 5, overlay_dir=None, save_overlays: bool | str = True) -> None:
         try:  # a number, or its text as a command line may pass it
             value = math.nan if isinstance(threshold, bool) else float(threshold)
         except (TypeError, ValueError):
@@ -231,8 +208,7 @@ class NovaBoxWriter:
 
     def __call__(self, engine) -> None:
         batch = engine.state.batch
-        images = convert_to_numpy(engine.state.output["image"], dtype=np.float32)
-        recons = convert_to_numpy(engine.state.output["pred"], dtype=np.float32)
+        images, recons = (convert_to_numpy(engine.state.output[k], dtype=np.float32) for k in ("image", "pred"))
         names = [batch["filename"]] if isinstance(batch["filename"], str) else list(batch["filename"])
         frames, heads, natives = (convert_to_numpy(batch[k]) if k in batch else None
                                   for k in ("frame", "head_mask", "native_image"))
@@ -251,6 +227,6 @@ class NovaBoxWriter:
 
     def write(self, engine=None) -> None:
         write_json_atomic(self.predictions_file, self.predictions)
-        n_boxes = sum(len(b) for b in self.predictions.values())
-        logger.info(f"NOVA predictions: {n_boxes} box(es) on {len(self.predictions)} image(s) -> "
-                    f"{self.predictions_file}" + (f"; overlays in {self.overlay_dir}" if self.overlay_dir else ""))
+        overlays = f"; overlays in {self.overlay_dir}" if self.overlay_dir else ""
+        logger.info(f"NOVA predictions: {sum(map(len, self.predictions.values()))} box(es) on {len(self.predictions)} "
+                    f"image(s) -> {self.predictions_file}{overlays}")
