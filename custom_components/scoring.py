@@ -1,28 +1,21 @@
-"""The model-free half of the BraTS21 / MSLUB / IXI evaluation: score a maps folder under a protocol.
+"""The model-free half of the BraTS21 / MSLUB / IXI evaluation: score a maps folder (``SaveMaps``) under a protocol.
 
-``score_maps`` reads what ``evaluate.yaml`` wrote (``SaveMaps``) and, in seconds, applies the protocol:
-
-1. per volume the residual |image - reconstruction| (reconstruction clipped to [0, 1] when ``clamp``), times the
-   brain mask eroded per slice, 3D median filter (``metrics.postprocess_residual``);
-2. the healthy IXI val split gives the thresholds at 1 / 5 / 10 % voxel false-positive rate;
-3. per lesion data set, the Dice-optimal threshold on its pooled val split (both search methods, the protocol uses
-   ``threshold_method``), then the per-volume metrics of its test split (at the other method's and at the FPR
-   thresholds too, Hausdorff only at the protocol's threshold, as the reference);
-4. IXI_test gives the reconstruction error (mean L1 and L2 over the whole volume, unmasked).
-
-``region`` says which voxels count (``volume``: all of them, as the reference; ``brain``: the brain mask).
-Writes ``metrics.json``, ``per_volume.csv`` and one ``<dataset>_grid.png`` per lesion data set.
+1. per volume the residual |image - reconstruction| (reconstruction clipped to [0, 1] when ``clamp``), post-processed
+   by ``metrics.postprocess_residual``; 2. the healthy IXI val split gives the thresholds at 1 / 5 / 10 % voxel FPR;
+3. per lesion data set the Dice-optimal threshold on its pooled val split (both search methods, the protocol uses
+   ``threshold_method``), then the per-volume metrics of its test split (also at the other method's and the FPR
+   thresholds, Hausdorff only at the protocol's, as the reference); 4. IXI_test: mean L1 / L2 error, unmasked.
+``region``: the voxels that count (``volume``: all, as the reference; ``brain``: the brain mask). Writes
+``metrics.json``, ``per_volume.csv`` and one ``<dataset>_grid.png`` per lesion data set.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -48,42 +41,16 @@ def reconstruction_errors(image, reconstruction, seg=None) -> dict[str, float]:
     """Mean L1 and L2 (squared) error over the whole volume, and inside / outside the lesion when there is one."""
     diff = (np.asarray(image, np.float64) - np.asarray(reconstruction, np.float64)).ravel()
     lesion = np.zeros(diff.size, bool) if seg is None else np.asarray(seg).ravel() > 0
-    out = {}
-    for part, where in (("", slice(None)), ("_lesion", lesion), ("_healthy", ~lesion)):
-        part_diff = diff[where]
-        out[f"l1{part}"] = float(np.abs(part_diff).mean()) if part_diff.size else math.nan
-        out[f"l2{part}"] = float((part_diff**2).mean()) if part_diff.size else math.nan
-    return out
+    parts = {"": diff, "_lesion": diff[lesion], "_healthy": diff[~lesion]}
+    return {f"l{p}{part}": float((np.abs(d) ** p).mean()) if d.size else math.nan
+            for part, d in parts.items() for p in (1, 2)}
 
 
-def _role(split: str) -> str:
-    for role in ("val", "test"):
-        if f"_{role}" in split:
-            return role
-    raise ValueError(f"Split {split} is neither a val nor a test split.")
-
-
-class _Grid:
-    """The ``size`` test volumes with the largest lesion slice, their slice as panels."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.heap = int(size), []
-
-    def offer(self, name: str, image, recon, residual, prediction, seg) -> None:
-        if self.size <= 0 or seg is None:
-            return
-        area = seg.sum(axis=(0, 1))
-        z = int(np.argmax(area))
-        entry = (float(area[z]), len(self.heap), name, z,
-                 [a[:, :, z].astype(np.float32) for a in (image, recon, residual, prediction, seg)])
-        (heapq.heappush if len(self.heap) < self.size else heapq.heappushpop)(self.heap, entry)
-
-    def write(self, path: Path, title: str) -> None:
-        if not self.heap:
-            return
+def _write_grid(entries: list, path: Path, title: str) -> None:
+    """One row of panels per entry (area, rank, name, z, slices), the largest lesion slices of the test volumes."""
+    if entries:
         from custom_components.figures import plt, save_figure
 
-        entries = sorted(self.heap, reverse=True)
         fig, axes = plt.subplots(len(entries), len(GRID_COLUMNS), figsize=(2.0 * len(GRID_COLUMNS), 2.1 * len(entries)),
                                  squeeze=False)
         vmax = max(float(e[4][2].max()) for e in entries) or 1.0
@@ -103,11 +70,9 @@ class _Grid:
 def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | None = None, clamp: bool | None = None,
                threshold_method: str = "bisection", fpr_rates: Sequence[float] = M.DEFAULT_FPR_RATES,
                baseline: bool = False, grid_slices: int = 6, median_size: int = 5, bisection_steps: int = 10) -> dict:
-    """Score the maps folder ``maps_dir`` and write the results to ``output_dir``; returns metrics.json's content.
-
-    ``region`` and ``clamp`` default to the ``protocol``'s choice (reference: every voxel, no clamp; project:
-    brain voxels, reconstruction clipped to [0, 1]). ``baseline``: the intensity baseline, residual = image.
-    """
+    """Score the maps folder ``maps_dir`` into ``output_dir``; returns metrics.json's content. ``region`` and ``clamp``
+    default to the ``protocol``'s (reference: every voxel, no clamp; project: brain voxels, clipped to [0, 1]).
+    ``baseline``: the intensity baseline, residual = image."""
     import nibabel as nib
     import pandas as pd
 
@@ -133,15 +98,12 @@ def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | 
     def volumes(split: str) -> Iterator[dict]:
         """Per volume its maps (a missing seg is None: healthy), residual and the voxels that count (roi)."""
         for name in splits[split]["volumes"]:
-            item: dict[str, Any] = {"name": name}
+            item = {"name": name}
             for kind in ("image", "mask", "seg") if baseline else ("image", "reconstruction", "mask", "seg"):
                 path = Path(maps_dir) / split / f"{name}_{kind}.nii.gz"
-                if path.is_file():
-                    item[kind] = np.asanyarray(nib.load(str(path)).dataobj)
-                elif kind == "seg":
-                    item[kind] = None
-                else:
+                if not path.is_file() and kind != "seg":
                     raise FileNotFoundError(f"{path} is missing from the maps folder {maps_dir}.")
+                item[kind] = np.asanyarray(nib.load(str(path)).dataobj) if path.is_file() else None
             if baseline:  # the reconstruction is not read: zero by definition
                 item["reconstruction"] = np.zeros_like(item["image"])
             elif clamp:
@@ -152,13 +114,15 @@ def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | 
 
     by_role: dict[tuple[str, str], str] = {}
     for split, entry in splits.items():
-        key = (entry["dataset"], _role(split))
+        role = next((role for role in ("val", "test") if f"_{role}" in split), None)
+        if role is None:
+            raise ValueError(f"Split {split} is neither a val nor a test split.")
+        key = (entry["dataset"], role)
         if key in by_role:
             raise ValueError(f"{maps_dir}: two {key[1]} splits of {key[0]} ({by_role[key]}, {split}).")
         by_role[key] = split
 
     results, rows = {"settings": settings}, []
-    # 2. healthy thresholds at fixed voxel false-positive rates
     fpr: dict[str, float] = {}
     healthy = by_role.get((HEALTHY_DATASET, "val"))
     if healthy:
@@ -166,15 +130,13 @@ def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | 
         fpr = {fpr_label(rate): t for rate, t in M.thresholds_at_fpr(np.concatenate(pooled), fpr_rates).items()}
         results[HEALTHY_DATASET] = {"split": healthy, "n_volumes": len(pooled),
                                     "n_voxels": int(sum(map(len, pooled))), "fpr_thresholds": fpr}
-    # 3. lesion data sets: threshold on val, metrics on test
     for (dataset, role), val_split in by_role.items():
         if dataset == HEALTHY_DATASET or role != "val":
             continue
         values, labels = [], []
         for item in volumes(val_split):
             if item["seg"] is None:
-                raise ValueError(f"{val_split} volume {item['name']} has no segmentation: "
-                                 "a val split needs lesion labels.")
+                raise ValueError(f"{val_split} volume {item['name']} has no segmentation: val needs lesion labels.")
             values.append(item["residual"][item["roi"]])
             labels.append(item["seg"][item["roi"]] > 0)
         values, labels = np.concatenate(values), np.concatenate(labels)
@@ -188,7 +150,7 @@ def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | 
         other_thresholds = {**{f"{m}_": found["threshold"] for m, found in methods.items() if m != threshold_method},
                             **{f"fpr{label}_": t for label, t in fpr.items()}}
         test_split = by_role.get((dataset, "test"))
-        grid, test_rows = _Grid(grid_slices), []
+        grid, test_rows = [], []
         for item in volumes(test_split) if test_split else ():
             seg = item["seg"] if item["seg"] is not None else np.zeros(item["image"].shape, bool)
             try:
@@ -202,7 +164,12 @@ def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | 
                 row.update({f"{prefix}{k}": v for k, v in at.items()})
             test_rows.append(row)
             prediction = M.segment(item["residual"], chosen["threshold"], item["roi"])
-            grid.offer(item["name"], item["image"], item["reconstruction"], item["residual"], prediction, item["seg"])
+            if item["seg"] is not None and grid_slices > 0:  # keep the grid_slices largest lesion slices
+                area = item["seg"].sum(axis=(0, 1))
+                z = int(np.argmax(area))
+                panels = [a[:, :, z].astype(np.float32)
+                          for a in (item["image"], item["reconstruction"], item["residual"], prediction, seg)]
+                grid = sorted([*grid, (float(area[z]), len(grid), item["name"], z, panels)], reverse=True)[:grid_slices]
         summary, others = M.summarize(test_rows), tuple(other_thresholds)
         entry.update(test_split=test_split, n_test_volumes=len(test_rows),
                      metrics={k: v for k, v in summary.items() if k != "threshold" and not k.startswith(others)})
@@ -211,16 +178,15 @@ def score_maps(maps_dir, output_dir, protocol: str = "reference", region: str | 
                         for label, t in fpr.items()}
         results[dataset] = entry
         rows += test_rows
-        grid.write(output_dir / f"{dataset}_grid.png",
-                   f"{dataset}: largest lesions, threshold {chosen['threshold']:.4g}, {protocol} protocol")
-    # 4. reconstruction error of healthy test volumes
+        _write_grid(grid, output_dir / f"{dataset}_grid.png",
+                    f"{dataset}: largest lesions, threshold {chosen['threshold']:.4g}, {protocol} protocol")
     ixi_test = by_role.get((HEALTHY_DATASET, "test"))
     if ixi_test:
         test_rows = []
         for item in volumes(ixi_test):
             errors = reconstruction_errors(item["image"], item["reconstruction"])
-            test_rows.append({"dataset": HEALTHY_DATASET, "split": ixi_test, "name": item["name"],
-                              "l1": errors["l1"], "l2": errors["l2"],
+            test_rows.append({"dataset": HEALTHY_DATASET, "split": ixi_test, "name": item["name"], "l1": errors["l1"],
+                              "l2": errors["l2"],
                               "volume_score": float(item["residual"][item["mask"] > 0].mean(dtype=np.float64))})
         results.setdefault(HEALTHY_DATASET, {}).update(test_split=ixi_test, n_test_volumes=len(test_rows),
                                                        metrics=M.summarize(test_rows))
