@@ -1,9 +1,6 @@
-"""Anomaly maps for a user's own T2 NIfTI volumes (the cond_ddpm bundle's inference config).
-
-The volumes must look like the training data: skull-stripped, 1 mm, registered to the training atlas, one 3D volume
-per file; ``inference_items`` checks them all up front. The residual and its segmentation go back to the input's grid
-with MONAI's ``Invertd`` and are written atomically beside an overlay; input files are only read.
-"""
+"""Anomaly maps for a user's own T2 NIfTI volumes (the cond_ddpm bundle's inference config). The volumes must be
+skull-stripped, 1 mm, registered to the training atlas, one 3D volume per file (``inference_items`` checks them all
+up front); the maps go back to the input's grid (``Invertd``) and are written beside an overlay, inputs only read."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
+from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
 
@@ -31,7 +29,7 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_SUFFIXES = ("_anomaly.nii.gz", "_seg.nii.gz", "_overlay.png")
 SPACING_MM, SPACING_TOLERANCE = 1.0, 0.05
-SHAPE_RANGE = (96, 512)  # voxels per axis of a 1 mm brain volume
+SHAPE_MIN, SHAPE_MAX = 96, 512  # voxels per axis of a 1 mm brain volume
 MIN_BRAIN_VOXELS = 10_000  # 10 ml; an adult brain at 1 mm has about 1.2 million voxels
 MODALITY_SUFFIXES = ("_t2", "_t1", "_flair", "_T2", "_T1", "_FLAIR", "_image", "_img")
 
@@ -40,15 +38,13 @@ class InputError(ValueError):
     """An input volume (or mask, threshold file) that the model cannot be run on, with the reason."""
 
 
-def nifti_name(path) -> str:
-    """The file name without ``.nii.gz`` / ``.nii``."""
+def nifti_name(path) -> str:  # the file name without .nii.gz / .nii
     return re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
 
 
 def find_mask(image: Path, input_mask) -> Path | None:
-    """The brain mask of ``image``: ``input_mask`` itself when it is a file, else the file in that folder named like
-    the image (``X.nii.gz``), ``X_mask.nii.gz``, or with the modality suffix replaced (``S_t2.nii.gz`` ->
-    ``S_mask.nii.gz``). None without ``input_mask`` (the mask is then image > 0)."""
+    """The brain mask of ``image``: ``input_mask`` if a file, else in that folder ``X.nii.gz``, ``X_mask.nii.gz`` or X
+    with its modality suffix replaced (``S_t2`` -> ``S_mask``). None without ``input_mask`` (mask = image > 0)."""
     if input_mask is None or str(input_mask).strip() == "":
         return None
     folder = Path(input_mask)
@@ -59,14 +55,12 @@ def find_mask(image: Path, input_mask) -> Path | None:
     stem = nifti_name(image)
     stems = [stem, f"{stem}_mask", *(f"{stem[: -len(s)]}_mask" for s in MODALITY_SUFFIXES if stem.endswith(s))]
     tried = [folder / f"{s}{ext}" for s in stems for ext in NIFTI_SUFFIXES]
-    for candidate in tried:
-        if candidate.is_file():
-            return candidate
+    with suppress(StopIteration):
+        return next(p for p in tried if p.is_file())
     raise InputError(f"{image}: no brain mask for it in {folder} (looked for {', '.join(p.name for p in tried)}).")
 
 
-def _spatial_shape(shape) -> tuple[int, ...] | None:
-    """The 3D shape, allowing trailing singleton axes (X, Y, Z, 1); None for anything else."""
+def _spatial_shape(shape) -> tuple[int, ...] | None:  # 3D, allowing trailing singleton axes; else None
     return tuple(int(n) for n in shape[:3]) if len(shape) >= 3 and all(n == 1 for n in shape[3:]) else None
 
 
@@ -78,9 +72,8 @@ def _read(path, label):
 
 
 def check_volume(image_path, mask_path=None) -> dict:
-    """Check that one input can be run: readable NIfTI, 3D, spacing 1 mm (+- 0.05), a plausible shape, finite
-    values, a non-empty brain (``mask > 0`` or ``image > 0``) with contrast inside, and a mask on the image's grid.
-    Returns the facts checked; raises ``InputError`` with the file and the problem."""
+    """Check that one input can be run: readable 3D NIfTI, 1 mm, plausible shape, finite, a brain (``mask > 0`` or
+    ``image > 0``) with contrast, a mask on the image's grid. Returns the facts; raises ``InputError``."""
     image_path = Path(image_path)
     image = _read(image_path, image_path)
     shape = _spatial_shape(image.shape)
@@ -92,10 +85,9 @@ def check_volume(image_path, mask_path=None) -> dict:
         raise InputError(f"{image_path}: voxel spacing {tuple(round(s, 3) for s in spacing)} mm; the model expects "
                          f"{SPACING_MM:g} mm isotropic volumes registered to the training atlas (tolerance "
                          f"{SPACING_TOLERANCE} mm). Resample / register the image first.")
-    lo, hi = SHAPE_RANGE
-    if any(not lo <= n <= hi for n in shape):
-        raise InputError(f"{image_path}: shape {shape} is not that of a 1 mm brain volume (each axis {lo}-{hi} "
-                         "voxels expected).")
+    if any(not SHAPE_MIN <= n <= SHAPE_MAX for n in shape):
+        raise InputError(f"{image_path}: shape {shape} is not that of a 1 mm brain volume "
+                         f"(each axis {SHAPE_MIN}-{SHAPE_MAX} voxels expected).")
     data = np.asanyarray(image.dataobj).reshape(shape)
     if not np.isfinite(data).all():
         raise InputError(f"{image_path}: contains NaN or Inf values.")
@@ -114,8 +106,7 @@ def check_volume(image_path, mask_path=None) -> dict:
     if n_brain < MIN_BRAIN_VOXELS:
         why = f"only {n_brain} brain voxels (at least {MIN_BRAIN_VOXELS} expected for a brain)" if n_brain else empty
         raise InputError(f"{image_path}: contains no brain: {why}.")
-    inside = data[brain]
-    if float(inside.max()) <= float(inside.min()):
+    if float(data[brain].max()) <= float(data[brain].min()):
         raise InputError(f"{image_path}: the image is constant inside the brain; nothing to analyse.")
     kept = int(np.count_nonzero(brain[CenterSpatialCrop(CROP_SIZE).compute_slices(shape)]))
     if kept < 0.5 * n_brain:
@@ -125,13 +116,9 @@ def check_volume(image_path, mask_path=None) -> dict:
 
 
 def inference_items(input, input_mask=None, output_dir=None) -> list[dict]:
-    """The checked inputs (one NIfTI file, or a folder's, sorted, hidden files skipped) as MONAI data items
-    ``{image, mask, name, source, source_mask, checked}``.
-
-    Without a mask file (``source_mask`` ""), ``mask`` is the image path itself: the preprocessing binarises it with
-    ``> 0``. Every input is checked before anything runs; one ``InputError`` lists all problems. No ``input`` gives
-    an empty list (nothing configured yet, e.g. a property check; ``check_ready`` stops a run without inputs).
-    """
+    """The inputs (one NIfTI file, or a folder's, sorted, hidden files skipped), all checked, as data items ``{image,
+    mask, name, source, source_mask, checked}``; one ``InputError`` lists all problems. Without a mask file ``mask`` is
+    the image (binarised ``> 0``); no ``input`` gives [] (nothing configured yet; ``check_ready`` stops a run)."""
     if input is None or str(input).strip() == "":
         return []
     path = Path(input)
@@ -152,19 +139,17 @@ def inference_items(input, input_mask=None, output_dir=None) -> list[dict]:
     else:
         raise InputError(f"{path}: no such file or folder.")
     names = [nifti_name(p) for p in images]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise InputError(f"{input}: several files share the name(s) {duplicates} (.nii and .nii.gz); keep one.")
     problems, items = [], []
     for image, name in zip(images, names):
         try:
             mask = find_mask(image, input_mask)
             check_volume(image, mask)
+            items.append({"image": str(image), "mask": str(mask or image), "name": name, "source": str(image),
+                          "source_mask": "" if mask is None else str(mask), "checked": True})
         except InputError as e:
             problems.append(str(e))
-            continue
-        items.append({"image": str(image), "mask": str(mask or image), "name": name, "source": str(image),
-                      "source_mask": "" if mask is None else str(mask), "checked": True})
     if problems:
         raise InputError(f"{len(problems)} of {len(images)} input(s) cannot be used:\n  " + "\n  ".join(problems))
     if output_dir is not None:
@@ -175,18 +160,13 @@ def inference_items(input, input_mask=None, output_dir=None) -> list[dict]:
     return items
 
 
-def _lookup(tree, key: str):
-    """``tree`` at a dotted ``key``; a key with dots in it (``"0.05"``) is matched whole, longest first."""
-    if key == "":
-        return tree
-    parts = key.split(".") if isinstance(tree, Mapping) else []
-    for n in range(len(parts), 0, -1):
+def _lookup(tree, parts: list[str]):
+    """``tree`` at a dotted key (split at its dots); a key with dots in it (``"0.05"``) matches whole, longest first."""
+    for n in range(len(parts), 0, -1) if isinstance(tree, Mapping) else ():
         if (head := ".".join(parts[:n])) in tree:
-            try:
-                return _lookup(tree[head], ".".join(parts[n:]))
-            except KeyError:
-                continue
-    raise KeyError(key)
+            with suppress(KeyError):
+                return _lookup(tree[head], parts[n:]) if n < len(parts) else tree[head]
+    raise KeyError(".".join(parts))
 
 
 def resolve_threshold(threshold, threshold_key: str = "Brats21.threshold") -> float:
@@ -202,7 +182,7 @@ def resolve_threshold(threshold, threshold_key: str = "Brats21.threshold") -> fl
                              "config first or pass --threshold VALUE.") from None
         try:
             tree = json.loads(path.read_text())
-            value = _lookup(tree, str(threshold_key))
+            value = _lookup(tree, str(threshold_key).split("."))
         except json.JSONDecodeError as e:
             raise InputError(f"threshold file {path} is not valid JSON ({e}).") from e
         except KeyError:
@@ -216,8 +196,7 @@ def resolve_threshold(threshold, threshold_key: str = "Brats21.threshold") -> fl
     return value
 
 
-def check_ready(items, ckpt_path=None, reconstruction: str = "ddpm", threshold=None,
-                threshold_key: str = "Brats21.threshold") -> float:
+def check_ready(items, ckpt_path=None, reconstruction="ddpm", threshold=None, threshold_key="Brats21.threshold"):
     """Inputs, checkpoint and threshold, checked before the first volume is processed. Returns the threshold."""
     if not items:
         raise InputError("No input given: pass --input with a NIfTI file or a folder of NIfTI files.")
@@ -226,9 +205,8 @@ def check_ready(items, ckpt_path=None, reconstruction: str = "ddpm", threshold=N
 
 
 class PrepareInputd(MapTransform):
-    """Complete a data item that holds only ``image`` (as MONAI Label sends it): brain ``mask`` = the image (> 0),
-    ``name``, ``source`` and ``source_mask``; items that ``inference_items`` did not check are checked here
-    (``check_volume``), so a bad file fails with its name before any processing."""
+    """Complete an item that holds only ``image`` (as MONAI Label sends it: ``mask`` = the image (> 0), ``name``,
+    ``source``, ``source_mask``) and check it (``check_volume``) unless ``inference_items`` did."""
 
     def __init__(self) -> None:
         super().__init__("image")
@@ -247,10 +225,8 @@ class PrepareInputd(MapTransform):
 
 
 class AnomalyMapd(MapTransform):
-    """``anomaly`` = post-processed residual |image - pred| (eroded brain mask, 3D median filter) and ``seg`` = the
-    segmentation the evaluation protocol scores (anomaly > threshold without 3D components of <= 7 voxels, inside the
-    brain mask): (1, H, W, D) float32 on the CPU, with the image's metadata. ``threshold``: a number or a metrics.json
-    (``resolve_threshold``), read on first use."""
+    """``anomaly`` = post-processed residual |image - pred| and ``seg`` = the segmentation the evaluation scores, (1, H,
+    W, D) float32 with the image's metadata; ``threshold``: a number or a metrics.json, read on first use."""
 
     def __init__(self, threshold=0.5, threshold_key: str = "Brats21.threshold", median_size: int = 5) -> None:
         super().__init__("pred")
@@ -262,20 +238,19 @@ class AnomalyMapd(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        image, mask = d["image"], convert_to_numpy(d["mask"])[0]
+        mask = convert_to_numpy(d["mask"])[0]
         x, pred = (convert_to_numpy(d[k], dtype=np.float32)[0] for k in ("image", "pred"))
         anomaly = M.residual_map(x, pred, mask, self.median_size)
         seg = M.segment(anomaly, self.value, mask > 0).astype(np.float32)
-        meta = image.meta if isinstance(image, MetaTensor) else {}
+        meta = d["image"].meta
         d["anomaly"], d["seg"] = (MetaTensor(torch.from_numpy(a)[None], meta=dict(meta)) for a in (anomaly, seg))
         d["threshold"] = self.value
         return d
 
 
 class SaveAnomalyOutputsd(MapTransform):
-    """Write ``<name>_anomaly.nii.gz``, ``<name>_seg.nii.gz`` and ``<name>_overlay.png`` for one item whose
-    ``anomaly`` / ``seg`` are already back on the input's grid (``Invertd``). The NIfTI files take the input
-    file's header and affine; both are limited to the input's brain (mask file or image > 0)."""
+    """Write ``<name>_anomaly.nii.gz``, ``<name>_seg.nii.gz`` (the input's header and affine, limited to its brain)
+    and ``<name>_overlay.png`` for an item whose ``anomaly`` / ``seg`` are back on the input's grid (``Invertd``)."""
 
     def __init__(self, output_dir) -> None:
         super().__init__(("anomaly", "seg"))
@@ -286,42 +261,37 @@ class SaveAnomalyOutputsd(MapTransform):
         source, name = Path(d["source"]), str(d["name"])
         image = nib.load(str(source))
         shape = _spatial_shape(image.shape)
-        anomaly = np.clip(convert_to_numpy(d["anomaly"])[0], 0, 1).astype(np.float32)  # B-spline overshoot
-        seg = convert_to_numpy(d["seg"])[0] > 0.5
         volume = np.asanyarray(image.dataobj).reshape(shape)
         mask_source = d.get("source_mask")
         brain = (np.asanyarray(nib.load(str(mask_source)).dataobj).reshape(shape) > 0) if mask_source else volume > 0
-        seg &= brain
-        anomaly *= brain  # interpolation spreads the map slightly beyond the brain
+        # clipped: B-spline overshoot; times the brain: interpolation spreads the map slightly beyond it
+        anomaly = np.clip(convert_to_numpy(d["anomaly"])[0], 0, 1).astype(np.float32) * brain
+        seg = (convert_to_numpy(d["seg"])[0] > 0.5) & brain
         header = image.header.copy()
         header.set_data_shape(shape)
         anomaly_path, seg_path, overlay_path = (self.output_dir / f"{name}{s}" for s in OUTPUT_SUFFIXES)
         atomic_save_nifti(anomaly, image.affine, anomaly_path, header=header)
         atomic_save_nifti(seg.astype(np.uint8), image.affine, seg_path, header=header)
-        self._overlay(volume, anomaly, seg, brain, name, d["threshold"], overlay_path)
         logger.info("%s: %d anomalous voxels written to %s", source.name, int(seg.sum()), self.output_dir)
         d["anomaly_path"], d["seg_path"] = str(anomaly_path), str(seg_path)
-        return d
+        from custom_components.figures import plt, save_figure  # the overlay: matplotlib only here
 
-    @staticmethod
-    def _overlay(volume, anomaly, seg, brain, name: str, threshold, out: Path) -> None:
-        """The axial slice with the most segmented voxels (else the most anomaly): outline and map."""
-        from custom_components.figures import plt, save_figure
-
+        # the axial slice with the most segmented voxels (else the most anomaly): outline and map
         area = seg.sum(axis=(0, 1))
         z = int(np.argmax(area if area.max() > 0 else anomaly.sum(axis=(0, 1))))  # anomaly is 0 outside the brain
         image_slice, anomaly_slice, seg_slice = (np.rot90(a[:, :, z]) for a in (volume, anomaly, seg))
         vmax = float(np.percentile(volume[brain], 99.5))  # the brain is not empty (check_volume)
         fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
-        for ax in axes:
+        titles = (f"segmentation at threshold {float(d['threshold']):.4g}", "anomaly map (residual)")
+        for ax, title in zip(axes, titles):
             ax.imshow(image_slice, cmap="gray", vmin=0, vmax=vmax or 1)
             ax.axis("off")
+            ax.set_title(title, fontsize=9)
         if seg_slice.any():
             axes[0].contour(seg_slice, levels=[0.5], colors="red", linewidths=0.8)
         shown = np.ma.masked_where(anomaly_slice <= 0, anomaly_slice)
         im = axes[1].imshow(shown, cmap="inferno", vmin=0, vmax=float(anomaly.max()) or 1.0, alpha=0.8)
         fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02)
-        axes[0].set_title(f"segmentation at threshold {float(threshold):.4g}", fontsize=9)
-        axes[1].set_title("anomaly map (residual)", fontsize=9)
         fig.suptitle(f"{name}, axial slice {z}", fontsize=10)
-        save_figure(fig, out)
+        save_figure(fig, overlay_path)
+        return d
