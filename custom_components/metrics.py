@@ -1,12 +1,10 @@
 """Post-processing and metrics of the BraTS21 / MSLUB / IXI evaluation protocol.
 
-Volumes are numpy arrays (H, W, D), axial slices along the last axis. The residual map is masked with the brain mask
-eroded per slice, median filtered (3D, size 5: ``median.median_of_padded``, exactly scipy's, faster), thresholded at
-a Dice-optimal threshold found on a validation split, cleaned of tiny 3D components, and scored.
-A voxel is anomalous when ``residual > threshold``, compared in the residual's precision (a float64 threshold is
-rounded to float32 for a float32 residual, as numpy 1.x did for the published numbers); labels are ``> 0`` (BraTS
-labels 1, 2, 4 are all lesion); undefined metrics (empty denominator, one class only, an empty side of Hausdorff)
-are NaN, which ``summarize`` ignores.
+Volumes are numpy arrays (H, W, D), axial slices last. The residual is masked with the brain mask eroded per slice,
+median filtered (3D, size 5, exactly scipy's: ``median``), thresholded at a Dice-optimal threshold found on a val
+split, cleaned of tiny 3D components, and scored. A voxel is anomalous when ``residual > threshold`` in the residual's
+precision (a float64 threshold rounds to float32, as numpy 1.x did for the published numbers); labels are ``> 0``
+(BraTS 1, 2, 4 are all lesion); undefined metrics (empty denominator, one class, an empty Hausdorff side) are NaN.
 """
 
 from __future__ import annotations
@@ -32,9 +30,7 @@ def _volume(array, name: str, like: np.ndarray | None = None) -> np.ndarray:
     """``array`` as a 3D numpy array (of the shape of the residual ``like`` when given), or a clear error."""
     array = np.asarray(array)
     if array.ndim != 3:
-        raise ValueError(
-            f"{name}: expected a 3D volume (H, W, D), got shape {array.shape}; squeeze the channel axis first."
-        )
+        raise ValueError(f"{name}: expected a 3D volume (H, W, D), got shape {array.shape}; squeeze the channel axis.")
     if like is not None and array.shape != like.shape:
         raise ValueError(f"residual / {name}: shapes differ, {like.shape} vs {array.shape}.")
     return array
@@ -50,20 +46,16 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def erode_brain_mask(mask) -> np.ndarray:
-    """``mask > 0`` eroded per axial slice with the 4-connected 2D cross ``H // 25`` times (3 at 96x96; the reference
-    took the count from the second axis, the volumes here are square in-plane), also from the slice border; zero
-    iterations leave the mask unchanged (scipy would erode until nothing is left)."""
+    """``mask > 0`` eroded per axial slice, also from the border, by the 2D cross ``H // 25`` times (3 at 96x96; the
+    reference used the second axis, square here); zero iterations leave it (scipy would erode until nothing is left)."""
     mask = _volume(mask, "brain_mask") > 0
     iterations = mask.shape[0] // 25
     return ndi.binary_erosion(mask, structure=_CROSS_2D, iterations=iterations) if iterations else mask.copy()
 
 
 def postprocess_residual(residual, brain_mask, median_size: int = 5) -> np.ndarray:
-    """Residual x eroded brain mask, then the 3D median filter; float32 (H, W, D).
-
-    Only the bounding box of the nonzero masked residual, widened by ``median_size // 2``, can be nonzero after the
-    filter (any other window holds only zeros), so only that box is filtered.
-    """
+    """Residual x eroded brain mask, then the 3D median filter; float32. Only the box of the nonzero masked residual
+    widened by ``median_size // 2`` can be nonzero after it (other windows hold only zeros): only it is filtered."""
     residual = _volume(residual, "residual").astype(np.float32, copy=False)
     mask = _volume(brain_mask, "brain_mask", residual)
     if not np.isfinite(residual).all():
@@ -96,21 +88,17 @@ def _flat(values, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find_best_threshold(residuals, labels, method: str = "bisection", steps: int = 10) -> tuple[float, float]:
-    """Dice-optimal threshold on pooled voxels: returns ``(dice, threshold)``, prediction = residual > threshold.
+    """Dice-optimal threshold on pooled voxels: ``(dice, threshold)``, prediction = residual > threshold.
 
-    ``"bisection"`` is the reference's search, kept for comparability: start with the range (0, max residual); at
-    each of ``steps`` steps evaluate the Dice at the 1/4 and 3/4 points of the range, keep the better half (the lower
-    half when they tie), and remember the best Dice and its point (a later point replaces it when its Dice is >=); a
-    range that collapsed to a point p becomes (p, 1).
-    ``"exact"`` returns the true optimum over all distinct residual values (ties: the highest threshold); the
-    threshold is a residual value, or just below the smallest one when predicting every voxel is best. With no
-    positive voxel the Dice is NaN (threshold = max residual).
+    ``"bisection"``, the reference's search: from the range (0, max residual), ``steps`` times take the Dice at the 1/4
+    and 3/4 points, keep the better half (lower on ties) and the best Dice and point (a later >= Dice replaces it); a
+    range collapsed to p becomes (p, 1). ``"exact"``: the true optimum over the residual values (ties: the highest), or
+    just below the smallest when predicting every voxel is best. No positive voxel: Dice NaN at the max residual.
     """
     x, y = _flat(residuals, labels, "find_best_threshold")
     if x.size == 0:
         raise ValueError("find_best_threshold: no voxels given.")
-    if method not in ("bisection", "exact"):
-        raise ValueError(f"find_best_threshold: method must be 'bisection' or 'exact', got {method!r}.")
+    check_choice("find_best_threshold: method", method, ("bisection", "exact"))
     x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
     positives = x[y]
     if method == "exact":
@@ -122,8 +110,7 @@ def find_best_threshold(residuals, labels, method: str = "bisection", steps: int
         n_pred = int(np.count_nonzero(_above(x, point)))
         return _ratio(2.0 * int(np.count_nonzero(_above(positives, point))), n_pred + positives.size)
 
-    low, high = 0.0, float(x.max())
-    best_dice, best_point = 0.0, 0.0
+    low, high, best_dice, best_point = 0.0, float(x.max()), 0.0, 0.0
     for _ in range(steps):
         if low == high:
             high = 1.0
@@ -148,17 +135,13 @@ def _exact(voxels: np.ndarray, positives: np.ndarray) -> tuple[float, float]:
     below = np.searchsorted(voxels, levels)  # voxels under each cut
     dice = 2.0 * (positives.size - np.searchsorted(positives, levels)) / (voxels.size - below + positives.size)
     best = levels.size - 1 - int(np.argmax(dice[::-1]))
-    if below[best] == 0:  # every voxel is predicted
-        return float(dice[best]), float(np.nextafter(levels[best], levels.dtype.type(-np.inf)))
-    return float(dice[best]), float(voxels[below[best] - 1])
+    threshold = np.nextafter(levels[best], levels.dtype.type(-np.inf)) if below[best] == 0 else voxels[below[best] - 1]
+    return float(dice[best]), float(threshold)
 
 
 def remove_small_components(binary) -> np.ndarray:
-    """Drop 3D 26-connected components of at most 7 voxels.
-
-    The reference counts skimage's ``area_filled`` (holes filled); a hole needs all 26 neighbours of a voxel inside
-    the component, so below 26 voxels the filled size is the size and one ``bincount`` decides.
-    """
+    """Drop 3D 26-connected components of at most 7 voxels. The reference counts skimage's ``area_filled``; a hole
+    needs a voxel's 26 neighbours in the component, so below 26 voxels the filled size is the size: one ``bincount``."""
     binary = _volume(binary, "binary") > 0
     labels, count = ndi.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
     small = np.bincount(labels.ravel(), minlength=count + 1) <= 7
@@ -210,9 +193,8 @@ def segment(residual, threshold: float, region=None) -> np.ndarray:
 
 def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str = "brain", hausdorff: bool = True
                       ) -> dict:
-    """Metrics of ``segment(residual, threshold)``: dice, tpr, fpr (FP / (FP + TN)), precision, recall, specificity,
-    the counts tp, fp, fn, tn and, unless ``hausdorff`` is False (the slow one), hausdorff (voxels). ``region="brain"``
-    counts only voxels inside the (un-eroded) ``brain_mask``; ``"volume"`` counts every voxel like the reference."""
+    """Metrics of ``segment(residual, threshold)``: dice, tpr, fpr, precision, recall, specificity, tp, fp, fn, tn and
+    hausdorff (voxels; the slow one, skipped when False). ``region``: un-eroded ``brain_mask`` voxels or every voxel."""
     residual, seg, _, roi = _inputs(residual, seg, brain_mask, region)
     pred, truth = segment(residual, threshold, roi), seg & roi
     tp, n_pred, n_true = (int(np.count_nonzero(a)) for a in (pred & truth, pred, truth))
@@ -227,12 +209,10 @@ def threshold_metrics(residual, seg, brain_mask, threshold: float, region: str =
 
 
 def volume_metrics(residual, seg, brain_mask, threshold: float, region: str = "brain") -> dict:
-    """All per-volume metrics of the protocol for a post-processed residual: ``threshold_metrics`` at ``threshold``,
-    plus on the voxels of ``region`` best_dice / best_threshold ("exact" ``find_best_threshold``, no component
-    removal), pixel auroc / auprc, slice_auroc / slice_auprc of the slice scores (mean residual in the brain; slices
-    without brain are left out for ``"brain"``, score 0 for ``"volume"`` as in the reference) against "slice holds
-    lesion", volume_score (mean residual in the brain) and lesion_voxels. NaN wherever a healthy volume lacks a lesion.
-    """
+    """The protocol's per-volume metrics: ``threshold_metrics`` at ``threshold``; on ``region``'s voxels best_dice /
+    best_threshold ("exact", no component removal), pixel auroc / auprc, slice_auroc / slice_auprc of the slice scores
+    (mean residual in the brain; brainless slices left out for ``"brain"``, 0 for ``"volume"`` as the reference) vs
+    "slice holds lesion"; volume_score (mean residual in the brain), lesion_voxels. NaN where a volume has no lesion."""
     residual, seg, mask, roi = _inputs(residual, seg, brain_mask, region)
     row = threshold_metrics(residual, seg, mask, threshold, region)
     values, labels = residual[roi], seg[roi]
@@ -249,17 +229,13 @@ def volume_metrics(residual, seg, brain_mask, threshold: float, region: str = "b
 
 
 def thresholds_at_fpr(values, rates: Iterable[float] = DEFAULT_FPR_RATES) -> dict:
-    """Thresholds t with at most ``rate`` of the pooled healthy ``values`` above t: ``{rate: t}``.
-
-    t is the smallest value that keeps ``#(x > t) <= floor(rate * n)``, i.e. the (n - floor(rate n))-th smallest
-    value: the same threshold the reference read off sklearn's ROC curve of all-healthy voxels.
-    """
+    """``{rate: t}``, t the smallest value with ``#(x > t) <= floor(rate * n)`` over the pooled healthy ``values``: the
+    threshold the reference read off sklearn's ROC curve of all-healthy voxels."""
     values, rates = np.asarray(values).ravel(), list(rates)
     if values.size == 0:
         raise ValueError("thresholds_at_fpr: no healthy value to pool (empty brain masks?).")
-    for rate in rates:
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"thresholds_at_fpr: rates must lie in [0, 1), got {rate}.")
+    if not all(0.0 <= rate < 1.0 for rate in rates):
+        raise ValueError(f"thresholds_at_fpr: rates must lie in [0, 1), got {rates}.")
     kths = [values.size - math.floor(rate * values.size + 1e-9) - 1 for rate in rates]  # floor: voxels allowed above
     return {rate: float(t) for rate, t in zip(rates, np.partition(values, kths)[kths])}
 
