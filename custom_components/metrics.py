@@ -22,6 +22,7 @@ from custom_components.utils import check_choice
 
 DEFAULT_FPR_RATES = (0.01, 0.05, 0.10)
 REGIONS = ("brain", "volume")
+SMALL_COMPONENT_SIZE = 7  # 3D components of at most this many voxels are dropped (below 26: filled size = size)
 
 _CROSS_2D = ndi.generate_binary_structure(2, 1)[:, :, None]  # 4-connected cross, in-plane only
 
@@ -140,11 +141,12 @@ def _exact(voxels: np.ndarray, positives: np.ndarray) -> tuple[float, float]:
 
 
 def remove_small_components(binary) -> np.ndarray:
-    """Drop 3D 26-connected components of at most 7 voxels. The reference counts skimage's ``area_filled``; a hole
-    needs a voxel's 26 neighbours in the component, so below 26 voxels the filled size is the size: one ``bincount``."""
+    """Drop 3D 26-connected components of at most ``SMALL_COMPONENT_SIZE`` voxels. The reference counts skimage's
+    ``area_filled``; a hole needs a voxel's 26 neighbours in the component, so below 26 voxels the filled size is the
+    size: one ``bincount``."""
     binary = _volume(binary, "binary") > 0
     labels, count = ndi.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
-    small = np.bincount(labels.ravel(), minlength=count + 1) <= 7
+    small = np.bincount(labels.ravel(), minlength=count + 1) <= SMALL_COMPONENT_SIZE
     small[0] = False  # the background
     return binary & ~small[labels]
 
