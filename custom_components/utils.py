@@ -57,14 +57,17 @@ def write_json_atomic(path, obj) -> str:
     return str(write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"))
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "", "none", "null")
+
+
 def as_bool(value, name: str = "value") -> bool:
     """A yes/no setting that may arrive as a string from the command line (``--baseline true``)."""
     if not isinstance(value, str):
         return bool(value)
     text = value.strip().lower()
-    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0", "", "none", "null"):
+    if text not in TRUE_WORDS + FALSE_WORDS:
         raise ValueError(f"{name} must be true or false, got {value!r}.")
-    return text in ("true", "yes", "on", "1")
+    return text in TRUE_WORDS
 
 
 def check_choice(name: str, value, choices: tuple, lower: bool = False) -> str:
