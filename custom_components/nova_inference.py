@@ -17,7 +17,7 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 
 from custom_components.metrics import erode_brain_mask
-from custom_components.utils import as_bool, atomic_path, from_diffusion_range, write_json_atomic
+from custom_components.utils import as_bool, atomic_path, from_diffusion_range, to_diffusion_range, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 #: anterior-posterior); a NOVA head's bounding box is resampled to that area under ``training_scale``.
 TRAINING_SIZE = 96
 TRAINING_BRAIN_AREA = 72.0 * 90.0
+HEALTHY_BATCH = 32  # slices per network call when calibrating the threshold
 
 
 def boxes_from_residual(residual: np.ndarray, threshold: float = 0.5, top_k: int | None = 5,
@@ -137,10 +138,10 @@ def healthy_threshold(network, inferer, volumes, fpr: float = 0.05, device="cpu"
     values = []
     network.eval()
     with torch.no_grad():
-        for s in range(0, len(slices), 32):
-            x = torch.as_tensor(np.stack(slices[s:s + 32])[:, None] * 2.0 - 1.0, device=device)
-            recon = inferer(x, network).float().cpu().numpy()
-            values += [residual_01(x[i, 0].cpu().numpy(), recon[i, 0])[m] for i, m in enumerate(masks[s:s + 32])]
+        for s in range(0, len(slices), HEALTHY_BATCH):
+            x = to_diffusion_range(np.stack(slices[s:s + HEALTHY_BATCH])[:, None])
+            recon = inferer(torch.as_tensor(x, device=device), network).float().cpu().numpy()
+            values += [residual_01(x[i, 0], recon[i, 0])[m] for i, m in enumerate(masks[s:s + HEALTHY_BATCH])]
     return float(np.quantile(np.concatenate(values), 1.0 - float(fpr)))
 
 
