@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
-from custom_components.utils import atomic_path, mlflow_metric_name
+from custom_components.utils import as_bool, atomic_path, mlflow_metric_name
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint.*?epoch=(\d+)\.pt$")
 
@@ -32,7 +32,8 @@ class ResumableCheckpoint:
     iteration) joins ``save_dict`` at attach time, which a config cannot do without a circular reference."""
 
     def __init__(self, checkpoint_dir, save_dict: dict, resume: bool = True):
-        self.checkpoint_dir, self.save_dict, self.resume = str(checkpoint_dir), save_dict, resume
+        self.checkpoint_dir, self.save_dict = str(checkpoint_dir), save_dict
+        self.resume = as_bool(resume, "resume")
         self.logger = logging.getLogger(self.__class__.__name__)
 
     def attach(self, engine: Engine) -> None:

@@ -18,8 +18,8 @@ from monai.inferers import Inferer, SliceInferer
 from monai.utils import convert_to_numpy, convert_to_tensor
 from torch.utils.data import ConcatDataset
 
-from custom_components.utils import (atomic_path, check_choice, from_diffusion_range, json_safe, to_diffusion_range,
-                                     write_json_atomic)
+from custom_components.utils import (as_bool, atomic_path, check_choice, from_diffusion_range, json_safe,
+                                     to_diffusion_range, write_json_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class VolumeReconstructionInferer(SliceInferer):
         self.reconstruction = check_choice("reconstruction", reconstruction, RECONSTRUCTIONS, lower=True)
         if self.reconstruction != "none" and slice_inferer is None:
             raise ValueError("VolumeReconstructionInferer needs a slice_inferer unless reconstruction is 'none'.")
-        self.slice_inferer, self.clamp = slice_inferer, bool(clamp)
+        self.slice_inferer, self.clamp = slice_inferer, as_bool(clamp, "clamp")
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore
         volumes = convert_to_tensor(inputs, dtype=torch.float32, track_meta=False)  # slices carry no volume meta

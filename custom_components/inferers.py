@@ -18,7 +18,7 @@ from monai.networks.schedulers import DDPMScheduler, Scheduler
 from monai.transforms import DivisiblePad
 
 from .noise import NOISE_TYPES, make_noise
-from .utils import check_choice
+from .utils import as_bool, check_choice
 
 
 def ddpm_scheduler(num_train_timesteps: int = 1000, schedule: str = "cosine") -> DDPMScheduler:
@@ -36,7 +36,7 @@ class ReconstructionPrepareBatch(DiffusionPrepareBatch):
                  noise_type: str = "simplex", shared_noise: bool = False) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
         self.noise_type = check_choice("noise_type", noise_type, NOISE_TYPES, lower=True)
-        self.shared_noise = bool(shared_noise)
+        self.shared_noise = as_bool(shared_noise, "shared_noise")
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
         return make_noise(images, self.noise_type, shared=self.shared_noise)
@@ -64,7 +64,8 @@ class ReconstructionInferer(Inferer):
         if not self.timesteps or any(not 1 <= t <= num_steps for t in self.timesteps):
             raise ValueError(f"timesteps must be one or more steps in [1, {num_steps}], got {self.timesteps}.")
         self.noise_type = check_choice("noise_type", noise_type, NOISE_TYPES, lower=True)
-        self.return_members, self.generator, self.shared_noise = return_members, generator, bool(shared_noise)
+        self.return_members, self.generator = return_members, generator
+        self.shared_noise = as_bool(shared_noise, "shared_noise")
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any

@@ -13,6 +13,7 @@ from monai.transforms import RandBiasFieldd, RandGaussianSmoothd, ScaleIntensity
 from torch import nn
 
 from custom_components import transforms as T
+from custom_components.engines import ResumableCheckpoint
 from custom_components.inferers import ReconstructionInferer, ReconstructionPrepareBatch, ddpm_scheduler
 from custom_components.networks.backbone import resnet_backbone
 from custom_components.networks.diffusion_unet import ConditionalDDPM
@@ -386,3 +387,15 @@ def test_one_choice_flips_alone():
         with pytest.raises(RuntimeError) as error:
             _parser("cond_ddpm", ["common.yaml", "train.yaml"], **{key: value}).get_parsed_content("validate#preprocessing")
         assert f"{key} must be one of" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("word, value", [("false", False), ("true", True)])
+def test_yes_no_ids_typed_as_words_on_the_command_line(word, value, tmp_path):
+    # `monai.bundle run --shared_noise_train false` hands the config the string "false", which bool() reads as True
+    train = _parser("cond_ddpm", ["common.yaml", "train.yaml"], shared_noise_train=word)
+    assert train.get_parsed_content("prepare_batch").shared_noise is value
+    assert ResumableCheckpoint(tmp_path, {}, resume=word).resume is value  # --resume false starts from scratch
+    evaluate = _parser("cond_ddpm", ["common.yaml", "evaluate.yaml"], shared_noise_test=word)
+    assert evaluate.get_parsed_content("inferer#slice_inferer").shared_noise is value
+    with pytest.raises(ValueError, match="shared_noise must be true or false"):
+        ReconstructionPrepareBatch(shared_noise="maybe")
