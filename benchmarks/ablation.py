@@ -13,8 +13,12 @@ split) and on the
 NOVA-like images with nova_eval's ``inference.yaml`` + ``evaluate.yaml``; one table is printed at the end and
 written to ``WORKDIR/ablation.json`` and ``WORKDIR/ablation.md``.
 
-    python benchmarks/ablation.py --workdir DIR [--epochs N] [--encoder_epochs N] [--size default|tiny]
-        [--data_root DEMO_DATA_DIR] [--variants full,gaussian] [--seeds 0,1,2] [--force]
+    python benchmarks/ablation.py --workdir DIR [--epochs N] [--batch_size N --slices_per_volume N]
+        [--encoder_epochs N] [--size default|tiny] [--data_root DEMO_DATA_DIR] [--variants full,gaussian]
+        [--seeds 0,1,2] [--force]
+
+``--epochs``, ``--batch_size`` and ``--slices_per_volume`` change cond_ddpm's training budget for every variant
+(a batch is ``batch_size // slices_per_volume`` volumes, each giving ``slices_per_volume`` slices).
 
 The stages, their sizes and the command runner are the one-command demo's (``custom_components.demo``);
 logs go to ``WORKDIR/logs/<stage>.log``. Finished stages are skipped when run again with the same
@@ -71,9 +75,10 @@ class Job:
     depends: list[str] = field(default_factory=list)
 
 
-def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs: int | None,
+def plan(workdir: Path, size: str, seed: int, budget: dict, encoder_epochs: int | None,
          data_root: Path | None, variants: list[str], cache: Path | None = None) -> list[Job]:
     """The ablation's stages: data (unless given), encoder, and per variant train / evaluate / NOVA boxes / metrics.
+    ``budget``: cond_ddpm training ids over the profile's (epochs, batch_size, slices_per_volume);
     ``cache``: the preprocessed-volume cache (default ``workdir/cache``), shared by seeds that share the data."""
     profile = PROFILES[size]
     data = data_root or workdir / "data"
@@ -98,7 +103,8 @@ def plan(workdir: Path, size: str, seed: int, epochs: int | None, encoder_epochs
             depends=data_deps))
 
     # other epochs than demo.yaml's: validate at the last one, so that the best checkpoint (models/model.pt) exists
-    train = {**profile["cond_ddpm"], **({"epochs": epochs, "val_interval": epochs} if epochs else {})}
+    epochs = budget.get("epochs")
+    train = {**profile["cond_ddpm"], **budget, **({"val_interval": epochs} if epochs else {})}
     for variant in variants:
         spec = VARIANTS[variant]
         v = workdir / variant
@@ -233,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="work folder (created; finished stages are reused)")
     parser.add_argument("--epochs", type=int, default=None, help="cond_ddpm training epochs of every variant "
                         "(default: the demo profile's)")
+    parser.add_argument("--batch_size", type=int, default=None, help="cond_ddpm slices per optimiser step "
+                        "(default: the demo profile's)")
+    parser.add_argument("--slices_per_volume", type=int, default=None, help="cond_ddpm slices drawn per training "
+                        "volume and epoch (default: the demo profile's)")
     parser.add_argument("--encoder_epochs", type=int, default=None, help="contrastive encoder epochs "
                         "(default: the demo profile's)")
     parser.add_argument("--size", choices=sorted(PROFILES), default="default", help="demo profile (data and networks)")
@@ -251,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds must list distinct integers, got {args.seeds!r}")
-    if args.epochs is not None and args.epochs < 1 or args.encoder_epochs is not None and args.encoder_epochs < 1:
-        parser.error("--epochs and --encoder_epochs must be at least 1")
+    budget = {k: getattr(args, k) for k in ("epochs", "batch_size", "slices_per_volume") if getattr(args, k) is not None}
+    if any(v < 1 for v in budget.values()) or args.encoder_epochs is not None and args.encoder_epochs < 1:
+        parser.error("--epochs, --batch_size, --slices_per_volume and --encoder_epochs must be at least 1")
     workdir = Path(args.workdir).expanduser().absolute()
     data_root = Path(args.data_root).expanduser().absolute() if args.data_root else None
     if data_root is not None and not (data_root / "splits").is_dir():
@@ -261,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     rows_by_seed, seconds = {}, {}
     try:
         if data_root is None:  # one data root for every seed
-            data_jobs = [j for j in plan(workdir, args.size, 0, None, None, None, variants) if j.stage.name == "data"]
+            data_jobs = [j for j in plan(workdir, args.size, 0, {}, None, None, variants) if j.stage.name == "data"]
             seconds["data"] = run(data_jobs, workdir, args.force, args.verbose)
             data_root = workdir / "data"
         for seed in seeds:
             folder = workdir / f"seed{seed}"
-            jobs = plan(folder, args.size, seed, args.epochs, args.encoder_epochs, data_root, variants,
+            jobs = plan(folder, args.size, seed, budget, args.encoder_epochs, data_root, variants,
                         cache=workdir / "cache")
             seconds[f"seed{seed}"] = run(jobs, folder, args.force, args.verbose)
             rows_by_seed[seed] = collect(folder, variants)
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = over_seeds(rows_by_seed)
     text = seed_table(rows)
-    settings = {"size": args.size, "seeds": seeds, "epochs": args.epochs, "encoder_epochs": args.encoder_epochs,
+    settings = {"size": args.size, "seeds": seeds, "cond_ddpm": budget, "encoder_epochs": args.encoder_epochs,
                 "profile": PROFILES[args.size], "data_root": str(data_root)}
     write_json_atomic(workdir / "ablation.json", {"settings": settings, "rows": rows,
                                                   "per_seed": {str(k): v for k, v in rows_by_seed.items()},
