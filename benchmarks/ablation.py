@@ -291,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(workdir / "ablation.json", {"settings": settings, "rows": rows,
                                                   "per_seed": {str(k): v for k, v in rows_by_seed.items()},
                                                   "seconds": seconds})
+    changed = "".join(f", cond_ddpm {k} {v}" for k, v in budget.items())
     notes = "\n".join(f"- `{r['variant']}`: {r['description']}" for r in rows)
     per_seed = "\n\n".join(f"Seed {seed}:\n\n{table(r)}" for seed, r in rows_by_seed.items())
     write_text_atomic(
         workdir / "ablation.md",
-        f"# Ablations ({args.size} demo profile, seeds {', '.join(map(str, seeds))})\n\nTest-split means, mean ± std "
+        f"# Ablations ({args.size} demo profile{changed}, seeds {', '.join(map(str, seeds))})\n\nTest-split means, mean ± std "
         f"(population) over the seeds; Dice at the threshold found on each data set's val split; NOVA reference "
         f"mAP@30 (no NOVA run for the intensity baseline).\n\n{text}\n\n{notes}\n\n{per_seed}\n")
     print("\n" + text + "\n\n" + notes)
