@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds must list distinct integers, got {args.seeds!r}")
-    budget = {k: getattr(args, k) for k in ("epochs", "batch_size", "slices_per_volume") if getattr(args, k) is not None}
+    budget = {k: getattr(args, k) for k in ("epochs", "batch_size", "slices_per_volume")
+              if getattr(args, k) is not None}
     if any(v < 1 for v in budget.values()) or args.encoder_epochs is not None and args.encoder_epochs < 1:
         parser.error("--epochs, --batch_size, --slices_per_volume and --encoder_epochs must be at least 1")
     workdir = Path(args.workdir).expanduser().absolute()
@@ -296,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = "\n\n".join(f"Seed {seed}:\n\n{table(r)}" for seed, r in rows_by_seed.items())
     write_text_atomic(
         workdir / "ablation.md",
-        f"# Ablations ({args.size} demo profile{changed}, seeds {', '.join(map(str, seeds))})\n\nTest-split means, mean ± std "
-        f"(population) over the seeds; Dice at the threshold found on each data set's val split; NOVA reference "
-        f"mAP@30 (no NOVA run for the intensity baseline).\n\n{text}\n\n{notes}\n\n{per_seed}\n")
+        f"# Ablations ({args.size} demo profile{changed}, seeds {', '.join(map(str, seeds))})\n\n"
+        f"Test-split means, mean ± std (population) over the seeds; Dice at the threshold found on each data set's "
+        f"val split; NOVA reference mAP@30 (no NOVA run for the intensity baseline).\n\n{text}\n\n{notes}\n\n"
+        f"{per_seed}\n")
     print("\n" + text + "\n\n" + notes)
     print(f"\nTable: {workdir / 'ablation.md'}; numbers: {workdir / 'ablation.json'}")
     return 0
