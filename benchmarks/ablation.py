@@ -14,11 +14,11 @@ NOVA-like images with nova_eval's ``inference.yaml`` + ``evaluate.yaml``; one ta
 written to ``WORKDIR/ablation.json`` and ``WORKDIR/ablation.md``.
 
     python benchmarks/ablation.py --workdir DIR [--epochs N] [--batch_size N --slices_per_volume N]
-        [--encoder_epochs N] [--size default|tiny] [--data_root DEMO_DATA_DIR] [--variants full,gaussian]
-        [--seeds 0,1,2] [--force]
+        [--lr_schedule constant|cosine] [--encoder_epochs N] [--size default|tiny] [--data_root DEMO_DATA_DIR]
+        [--variants full,gaussian] [--seeds 0,1,2] [--force]
 
-``--epochs``, ``--batch_size`` and ``--slices_per_volume`` change cond_ddpm's training budget for every variant
-(a batch is ``batch_size // slices_per_volume`` volumes, each giving ``slices_per_volume`` slices).
+``--epochs``, ``--batch_size``, ``--slices_per_volume`` and ``--lr_schedule`` change cond_ddpm's training for every
+variant (a batch is ``batch_size // slices_per_volume`` volumes, each giving ``slices_per_volume`` slices).
 
 The stages, their sizes and the command runner are the one-command demo's (``custom_components.demo``);
 logs go to ``WORKDIR/logs/<stage>.log``. Finished stages are skipped when run again with the same
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the demo profile's)")
     parser.add_argument("--slices_per_volume", type=int, default=None, help="cond_ddpm slices drawn per training "
                         "volume and epoch (default: the demo profile's)")
+    parser.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None, help="cond_ddpm learning "
+                        "rate over training (default: the demo profile's)")
     parser.add_argument("--encoder_epochs", type=int, default=None, help="contrastive encoder epochs "
                         "(default: the demo profile's)")
     parser.add_argument("--size", choices=sorted(PROFILES), default="default", help="demo profile (data and networks)")
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
               if getattr(args, k) is not None}
     if any(v < 1 for v in budget.values()) or args.encoder_epochs is not None and args.encoder_epochs < 1:
         parser.error("--epochs, --batch_size, --slices_per_volume and --encoder_epochs must be at least 1")
+    if args.lr_schedule is not None:
+        budget["lr_schedule"] = args.lr_schedule
     workdir = Path(args.workdir).expanduser().absolute()
     data_root = Path(args.data_root).expanduser().absolute() if args.data_root else None
     if data_root is not None and not (data_root / "splits").is_dir():

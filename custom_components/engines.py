@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
-from custom_components.utils import as_bool, atomic_path, mlflow_metric_name
+from custom_components.utils import as_bool, atomic_path, check_choice, mlflow_metric_name
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint.*?epoch=(\d+)\.pt$")
 
@@ -56,6 +57,15 @@ class ResumableCheckpoint:
             map_location = "cpu" if not torch.cuda.is_available() else None
             CheckpointLoader(load_path=path, load_dict=self.save_dict, map_location=map_location)(engine)
             self.logger.info(f"Resumed from {path} at epoch {engine.state.epoch}.")
+
+
+def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
+    """The learning-rate factor per optimiser step, for ``LambdaLR``: 1 throughout (``constant``) or a cosine from
+    1 down to 0 at step ``steps`` (``cosine``). A closed form of the step count, so a run resumed with more epochs
+    follows the longer schedule instead of the one it started with."""
+    if check_choice("lr_schedule", schedule, ("constant", "cosine")) == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
 
 
 def prepare_image_as_target(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):

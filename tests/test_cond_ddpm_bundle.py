@@ -27,7 +27,7 @@ def test_train_lowers_val_loss_and_resumes(demo_root, cache_dir, tmp_path):
     torch.save(backbone.state_dict(), encoder)
     out = tmp_path / "ddpm"
     common = ["--dataset_dir", str(demo_root), "--cache_dir", str(cache_dir), "--output_dir", str(out),
-              "--encoder_ckpt", str(encoder), *TINY]
+              "--encoder_ckpt", str(encoder), "--lr_schedule", "cosine", *TINY]
     first = run_bundle(DEMO, BUNDLE, *common, "--epochs", "2", "--tracking", "mlflow")
     assert (out / "checkpoint_epoch=2.pt").is_file() and (out / "model.pt").is_file()
     import mlflow  # --tracking mlflow: losses, settings and the best checkpoint in one run
@@ -39,6 +39,8 @@ def test_train_lowers_val_loss_and_resumes(demo_root, cache_dir, tmp_path):
     assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     losses = _val_losses(first.stdout + first.stderr)
     assert sorted(losses) == [1, 2]
+    state = torch.load(out / "checkpoint_epoch=2.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine's end
 
     # started again with more epochs, it continues from epoch 2 instead of starting over
     second = run_bundle(DEMO, BUNDLE, *common, "--epochs", "3")
@@ -47,6 +49,10 @@ def test_train_lowers_val_loss_and_resumes(demo_root, cache_dir, tmp_path):
     losses.update(_val_losses(log))
     assert sorted(losses) == [1, 2, 3]
     assert losses[3] < losses[1], losses
+    # the schedule resumed at its step count and followed the 3-epoch cosine down to 0
+    state = torch.load(out / "checkpoint_epoch=3.pt", weights_only=False)
+    assert state["lr_scheduler"]["last_epoch"] == state["trainer"]["iteration"] > 0
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
     # model.pt is the whole conditional network, and its encoder started from the given backbone
     model = ConditionalDDPM(channels=(8, 16, 16), num_res_blocks=1, encoder_depth=18, pixel_unshuffle=2)

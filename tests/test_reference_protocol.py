@@ -13,7 +13,7 @@ from monai.transforms import RandBiasFieldd, RandGaussianSmoothd, ScaleIntensity
 from torch import nn
 
 from custom_components import transforms as T
-from custom_components.engines import ResumableCheckpoint
+from custom_components.engines import ResumableCheckpoint, lr_factor
 from custom_components.inferers import ReconstructionInferer, ReconstructionPrepareBatch, ddpm_scheduler
 from custom_components.networks.backbone import resnet_backbone
 from custom_components.networks.diffusion_unet import ConditionalDDPM
@@ -387,6 +387,15 @@ def test_one_choice_flips_alone():
         with pytest.raises(RuntimeError) as error:
             _parser("cond_ddpm", ["common.yaml", "train.yaml"], **{key: value}).get_parsed_content("validate#preprocessing")
         assert f"{key} must be one of" in str(error.value.__cause__)
+
+
+def test_learning_rate_constant_as_the_reference_or_a_cosine_on_request():
+    assert _parser("cond_ddpm", ["common.yaml", "train.yaml"]).get_parsed_content("lr_schedule") == "constant"
+    assert [lr_factor("constant", 10)(step) for step in (0, 5, 10, 20)] == [1.0] * 4
+    cosine = lr_factor("cosine", 10)  # down to 0 at the last step, and held there by a run resumed past it
+    assert [cosine(step) for step in (0, 5, 10, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_factor("linear", 10)
 
 
 @pytest.mark.parametrize("word, value", [("false", False), ("true", True)])
