@@ -49,6 +49,7 @@ from custom_components.demo import (  # noqa: E402
     run_stage,
     summarize_results,
 )
+from custom_components.engines import LR_SCHEDULES  # noqa: E402
 from custom_components.utils import write_json_atomic, write_text_atomic  # noqa: E402
 
 VARIANTS = {
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the demo profile's)")
     parser.add_argument("--slices_per_volume", type=int, default=None, help="cond_ddpm slices drawn per training "
                         "volume and epoch (default: the demo profile's)")
-    parser.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None, help="cond_ddpm learning "
+    parser.add_argument("--lr_schedule", choices=LR_SCHEDULES, default=None, help="cond_ddpm learning "
                         "rate over training (default: the demo profile's)")
     parser.add_argument("--encoder_epochs", type=int, default=None, help="contrastive encoder epochs "
                         "(default: the demo profile's)")

@@ -19,6 +19,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 from custom_components.utils import as_bool, atomic_path, check_choice, mlflow_metric_name
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint.*?epoch=(\d+)\.pt$")
+LR_SCHEDULES = ("constant", "cosine")  # cond_ddpm's lr_schedule id: as the reference, or decayed to 0
 
 
 def latest_checkpoint(directory) -> str | None:
@@ -63,7 +64,7 @@ def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
     """The learning-rate factor per optimiser step, for ``LambdaLR``: 1 throughout (``constant``) or a cosine from
     1 down to 0 at step ``steps`` (``cosine``). A closed form of the step count, so a run resumed with more epochs
     follows the longer schedule instead of the one it started with."""
-    if check_choice("lr_schedule", schedule, ("constant", "cosine")) == "constant":
+    if check_choice("lr_schedule", schedule, LR_SCHEDULES) == "constant":
         return lambda step: 1.0
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
 
