@@ -54,10 +54,17 @@ class ResumableCheckpoint:
 
     def __call__(self, engine: Engine) -> None:
         path = latest_checkpoint(self.checkpoint_dir) if self.resume else None
-        if path is not None:
-            map_location = "cpu" if not torch.cuda.is_available() else None
-            CheckpointLoader(load_path=path, load_dict=self.save_dict, map_location=map_location)(engine)
-            self.logger.info(f"Resumed from {path} at epoch {engine.state.epoch}.")
+        if path is None:
+            return
+        # a checkpoint of an older version may lack an entry (0.2.0 saved no lr_scheduler): resume the rest
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+        missing = sorted(set(self.save_dict) - set(saved))
+        if missing:
+            self.logger.warning(f"{path} has no {', '.join(missing)}: those start afresh, the rest resumes.")
+        load_dict = {k: v for k, v in self.save_dict.items() if k in saved}
+        map_location = "cpu" if not torch.cuda.is_available() else None
+        CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location)(engine)
+        self.logger.info(f"Resumed from {path} at epoch {engine.state.epoch}.")
 
 
 def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.networks.layers import DropPath
 from monai.transforms import RandBiasFieldd, RandGaussianSmoothd, ScaleIntensityRanged
@@ -395,6 +396,25 @@ def test_learning_rate_constant_as_the_reference_or_a_cosine_on_request():
     assert [cosine(step) for step in (0, 5, 10, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         lr_factor("linear", 10)
+
+
+def test_resume_from_a_checkpoint_without_an_lr_scheduler_entry(tmp_path, caplog):
+    # checkpoints written before 0.2.1 have no lr_scheduler: the rest resumes, the schedule starts afresh
+    old_net = nn.Linear(2, 1)
+    old = Engine(lambda engine, batch: None)
+    old.run(range(4), max_epochs=2)
+    torch.save({"network": old_net.state_dict(), "trainer": old.state_dict()}, tmp_path / "checkpoint_epoch=2.pt")
+
+    net = nn.Linear(2, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(net.parameters(), lr=0.1), lambda step: 1.0)
+    trainer = Engine(lambda engine, batch: None)
+    ResumableCheckpoint(tmp_path, {"network": net, "lr_scheduler": scheduler}).attach(trainer)
+    seen = {}
+    trainer.add_event_handler(Events.STARTED, lambda engine: seen.update(weight=net.weight.detach().clone()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: seen.update(n=seen.get("n", 0) + 1))
+    trainer.run(range(4), max_epochs=3)
+    assert torch.equal(seen["weight"], old_net.weight) and seen["n"] == 4 and trainer.state.epoch == 3
+    assert "has no lr_scheduler" in caplog.text and scheduler.last_epoch == 0
 
 
 @pytest.mark.parametrize("word, value", [("false", False), ("true", True)])
