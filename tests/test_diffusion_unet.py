@@ -99,7 +99,12 @@ def test_conditioning_needs_context():
         model(torch.randn(1, 1, 32, 32), torch.tensor([3]))
 
 
-@pytest.mark.parametrize("off", [False, "none", "None"])
+def test_conditioning_words_are_checked():
+    with pytest.raises(ValueError, match="conditioning must be true or false"):
+        ConditionalDDPM(**TINY, conditioning="maybe")
+
+
+@pytest.mark.parametrize("off", [False, "none", "None", "false"])
 def test_conditioning_off_ignores_context(off):
     model = _randomise_zero_init(ConditionalDDPM(**TINY, conditioning=off))
     assert model.encoder is None

@@ -25,7 +25,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, get_timestep_embedding
 from torch import nn
 
-from ..utils import check_choice, from_diffusion_range
+from ..utils import as_bool, from_diffusion_range
 from .backbone import backbone_channels, resnet_backbone
 
 
@@ -141,10 +141,6 @@ class ConditioningEncoder(nn.Module):
         self.backbone.load_state_dict(state, strict=True)
 
 
-_CONDITIONING_OFF = ("none", "false", "off", "no", "")
-_CONDITIONING_ON = ("true", "encoder", "feature", "features", "on", "yes")
-
-
 class ConditionalDDPM(nn.Module):
     """Conditional DDPM denoiser: ``FiLMDiffusionUNet`` conditioned on ``ConditioningEncoder(context)``.
 
@@ -160,10 +156,7 @@ class ConditionalDDPM(nn.Module):
                  cond_dim: int = 128, encoder_depth: int = 50, encoder_drop_path: float = 0.0,
                  encoder_ckpt: str | Path | None = None, conditioning: bool | str = True, pixel_unshuffle: int = 1):
         super().__init__()
-        if isinstance(conditioning, str):
-            choices = _CONDITIONING_OFF + _CONDITIONING_ON
-            conditioning = check_choice("conditioning", conditioning.strip(), choices, lower=True) in _CONDITIONING_ON
-        self.conditioning = bool(conditioning)
+        self.conditioning = as_bool(conditioning, "conditioning")  # also "false" / "none" from the command line
         self.pixel_unshuffle = int(pixel_unshuffle)
         if self.pixel_unshuffle < 1:
             raise ValueError(f"pixel_unshuffle must be >= 1, got {pixel_unshuffle}.")
