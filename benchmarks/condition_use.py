@@ -32,17 +32,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_components.inferers import ReconstructionInferer, ddpm_scheduler  # noqa: E402
 from custom_components.networks.diffusion_unet import ConditionalDDPM  # noqa: E402
+from custom_components.utils import from_diffusion_range, to_diffusion_range  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NETWORK_IDS = ("channels", "num_res_blocks", "cond_dim", "encoder_depth", "pixel_unshuffle")
 
 
-def network_ids(configs: list[str]) -> dict:
-    """cond_ddpm's network ids from its configs, later files overriding earlier ones."""
+def config_values(configs: list[str], keys: tuple[str, ...]) -> dict:
+    """Plain values of cond_ddpm's ``keys`` from its configs, later files overriding earlier ones."""
     merged: dict = {}
     for name in configs:
         merged.update(yaml.safe_load((REPO / "bundles" / "cond_ddpm" / "configs" / name).read_text()) or {})
-    return {k: merged[k] for k in NETWORK_IDS}
+    return {k: merged[k] for k in keys}
+
+
+def network_ids(configs: list[str]) -> dict:
+    """cond_ddpm's network ids from its configs."""
+    return config_values(configs, NETWORK_IDS)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments naming a trained cond_ddpm and the healthy slices it reconstructs."""
+    parser.add_argument("--maps_dir", required=True, type=Path, help="cond_ddpm evaluate.yaml's output folder")
+    parser.add_argument("--ckpt", required=True, type=Path, help="cond_ddpm's models/model.pt")
+    parser.add_argument("--split", default="IXI_test", help="a healthy split saved in the maps")
+    parser.add_argument("--configs", default="common.yaml,demo.yaml", help="cond_ddpm configs naming the network")
 
 
 def load_network(ckpt: Path, ids: dict) -> ConditionalDDPM:
@@ -69,10 +83,7 @@ def brain_slices(maps_dir: Path, split: str, per_volume: int) -> tuple[torch.Ten
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--maps_dir", required=True, type=Path, help="cond_ddpm evaluate.yaml's output folder")
-    parser.add_argument("--ckpt", required=True, type=Path, help="cond_ddpm's models/model.pt")
-    parser.add_argument("--split", default="IXI_test", help="a healthy split saved in the maps")
-    parser.add_argument("--configs", default="common.yaml,demo.yaml", help="cond_ddpm configs naming the network")
+    add_model_arguments(parser)
     parser.add_argument("--slices_per_volume", type=int, default=16)
     parser.add_argument("--timesteps", default="250,500,750")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for both conditions)")
@@ -88,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     brain_voxels = 0.0
     with torch.no_grad():
         for v in range(len(images)):
-            x, other, mask = images[v] * 2 - 1, images[(v + 1) % len(images)] * 2 - 1, masks[v]
+            x, other, mask = to_diffusion_range(images[v]), to_diffusion_range(images[(v + 1) % len(images)]), masks[v]
             recon = {}
             for name, context in (("own", x), ("swapped", other)):
                 inferer = ReconstructionInferer(scheduler, timesteps, return_members=True,
                                                 generator=torch.Generator().manual_seed(args.seed + v))
                 mean, members = inferer(x, network, cond=network.encode(context))
-                recon[name] = [(m + 1) / 2 for m in (*members, mean)]
+                recon[name] = [from_diffusion_range(m) for m in (*members, mean)]
             for i in range(len(timesteps) + 1):
                 for name in ("own", "swapped"):
                     sums[name][i] += float(((recon[name][i] - images[v]).abs() * mask).sum())

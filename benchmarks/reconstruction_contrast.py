@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.condition_use import brain_slices, load_network, network_ids  # noqa: E402
+from benchmarks.condition_use import (  # noqa: E402
+    add_model_arguments, brain_slices, config_values, load_network, network_ids)
 from custom_components.inferers import ReconstructionInferer, ddpm_scheduler  # noqa: E402
+from custom_components.utils import from_diffusion_range, to_diffusion_range  # noqa: E402
 
 CSF_LEVEL = 0.8
-EVALUATION_TIMESTEPS = (250, 500, 750)
 
 
 def fidelity(image: np.ndarray, recon: np.ndarray) -> tuple[float, float, float, float]:
@@ -41,25 +41,24 @@ def fidelity(image: np.ndarray, recon: np.ndarray) -> tuple[float, float, float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--maps_dir", required=True, type=Path, help="cond_ddpm evaluate.yaml's output folder")
-    parser.add_argument("--ckpt", required=True, type=Path, help="cond_ddpm's models/model.pt")
-    parser.add_argument("--split", default="IXI_test", help="a healthy split saved in the maps")
-    parser.add_argument("--configs", default="common.yaml,demo.yaml", help="cond_ddpm configs naming the network")
+    add_model_arguments(parser)
     parser.add_argument("--slices_per_volume", type=int, default=8)
     parser.add_argument("--timesteps", default="1,100,250,500,750")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     args = parser.parse_args(argv)
 
-    network = load_network(args.ckpt, network_ids(args.configs.split(",")))
+    configs = args.configs.split(",")
+    network = load_network(args.ckpt, network_ids(configs))
+    evaluation_timesteps = config_values(configs, ("recon_timesteps",))["recon_timesteps"]
     images, masks = brain_slices(args.maps_dir, args.split, args.slices_per_volume)
     x, brain = images.flatten(0, 1), masks.flatten(0, 1) > 0
-    timesteps = sorted({int(t) for t in args.timesteps.split(",")} | set(EVALUATION_TIMESTEPS))
+    timesteps = sorted({int(t) for t in args.timesteps.split(",")} | set(evaluation_timesteps))
     inferer = ReconstructionInferer(ddpm_scheduler(), timesteps, return_members=True,
                                     generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        _, members = inferer(x * 2 - 1, network)
-    recons = {t: (m + 1) / 2 for t, m in zip(timesteps, members)}
-    recons["ensemble"] = torch.stack([recons[t] for t in EVALUATION_TIMESTEPS]).mean(0)
+        _, members = inferer(to_diffusion_range(x), network)
+    recons = {t: from_diffusion_range(m) for t, m in zip(timesteps, members)}
+    recons["ensemble"] = torch.stack([recons[t] for t in evaluation_timesteps]).mean(0)
 
     image = x[brain].numpy()
     print(f"{args.ckpt}: {len(images)} volumes of {args.split}, {images.shape[1]} slices each; brain voxels, "
