@@ -26,24 +26,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from custom_components.demo import bundle_config  # noqa: E402
 from custom_components.inferers import ReconstructionInferer, ddpm_scheduler  # noqa: E402
 from custom_components.networks.diffusion_unet import ConditionalDDPM  # noqa: E402
 from custom_components.utils import from_diffusion_range, to_diffusion_range  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 NETWORK_IDS = ("channels", "num_res_blocks", "cond_dim", "encoder_depth", "pixel_unshuffle")
 
 
 def config_values(configs: list[str], keys: tuple[str, ...]) -> dict:
-    """Plain values of cond_ddpm's ``keys`` from its configs, later files overriding earlier ones."""
-    merged: dict = {}
-    for name in configs:
-        merged.update(yaml.safe_load((REPO / "bundles" / "cond_ddpm" / "configs" / name).read_text()) or {})
-    return {k: merged[k] for k in keys}
+    """cond_ddpm's ``keys`` as ``monai.bundle run`` resolves them from ``configs`` (later files override)."""
+    config = bundle_config("cond_ddpm", configs)
+    return {k: config.get_parsed_content(k) for k in keys}
 
 
 def network_ids(configs: list[str]) -> dict:

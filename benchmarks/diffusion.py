@@ -1,10 +1,12 @@
 """Benchmark of the conditional DDPM building blocks: training step, simplex noise, reconstruction.
 
 Prints (a) seconds and peak memory of one training step (conditioning encoder + denoiser forward,
-L1 loss on x0, backward, Adam) for the paper-size network at batch 8 and the CPU-demo network at
-batch 32, 96x96 slices; (b) milliseconds of simplex noise for 32 96x96 fields; (c) seconds to
-reconstruct one 96x96x50 volume (50 slices, 3 noise levels) with both networks; and the FLOPs of
-one forward+backward of the paper-size denoiser per 96x96 slice.
+L1 loss on x0, backward, Adam; one noise field per batch or per slice as the protocol says) for the
+paper network (``--paper_batch`` slices) and the demo network (its training batch), 96x96 slices;
+(b) milliseconds of simplex noise for 32 96x96 fields; (c) seconds to reconstruct one 96x96x50 volume
+(50 slices, the evaluation's noise levels) with both networks; and the FLOPs of one forward+backward
+of the paper-size denoiser per 96x96 slice. The networks, the demo's batch and the noise settings are
+read from cond_ddpm's configs (paper: common.yaml + train.yaml; demo: + demo.yaml).
 
 Every measurement runs in a fresh process so that the CPU peak memory (growth of ``ru_maxrss`` from
 before the model was built: weights, gradients, optimiser state and activations) belongs to that
@@ -29,15 +31,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.condition_use import NETWORK_IDS, config_values  # noqa: E402
 from custom_components.inferers import ReconstructionInferer, ddpm_scheduler  # noqa: E402
 from custom_components.networks.diffusion_unet import ConditionalDDPM  # noqa: E402
 from custom_components.noise import make_noise, simplex_noise  # noqa: E402
 
-CONFIGS = {
-    "paper": dict(channels=(128, 256, 256), num_res_blocks=3, encoder_depth=50, pixel_unshuffle=1),
-    "demo": dict(channels=(16, 32, 64), num_res_blocks=1, encoder_depth=18, pixel_unshuffle=2),
-}
-TRAIN_BATCH = {"paper": 8, "demo": 32}
+CONFIGS = {"paper": ["common.yaml", "train.yaml"], "demo": ["common.yaml", "train.yaml", "demo.yaml"]}
+
+
+def setting(name: str) -> dict:
+    """cond_ddpm's ``name`` configs: network ids, training batch and noise sharing, evaluation noise levels."""
+    values = config_values(CONFIGS[name], (*NETWORK_IDS, "batch_size", "shared_noise_train", "recon_timesteps"))
+    return {"network": {k: values[k] for k in NETWORK_IDS}, "batch": int(values["batch_size"]),
+            "shared": bool(values["shared_noise_train"]), "timesteps": list(values["recon_timesteps"])}
 
 
 def _maxrss_mib() -> float:
@@ -73,19 +79,20 @@ def _peak(device: torch.device, base: float) -> tuple[float, str]:
     return _maxrss_mib() - base, "max RSS growth"
 
 
-def train_step_job(name: str, device: str, amp: bool, warmup: int, repeats: int, threads: int) -> str:
+def train_step_job(name: str, network: dict, batch: int, shared: bool, device: str, amp: bool, warmup: int,
+                   repeats: int, threads: int) -> str:
     torch.set_num_threads(threads)
     dev = torch.device(device)
     base = _maxrss_mib()
     torch.manual_seed(0)
-    model = ConditionalDDPM(**CONFIGS[name]).to(dev).train()
+    model = ConditionalDDPM(**network).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp and dev.type == "cuda")
     sched = ddpm_scheduler()
-    images = torch.rand(TRAIN_BATCH[name], 1, 96, 96, device=dev) * 2 - 1
+    images = torch.rand(batch, 1, 96, 96, device=dev) * 2 - 1
 
     def step():
-        noise = make_noise(images, "simplex")
+        noise = make_noise(images, "simplex", shared=shared)
         t = torch.randint(0, 1000, (images.shape[0],), device=dev)
         with _autocast(dev, amp):
             pred = model(sched.add_noise(images, noise, t), t, context=images)
@@ -100,19 +107,21 @@ def train_step_job(name: str, device: str, amp: bool, warmup: int, repeats: int,
     n_unet = sum(p.numel() for p in model.unet.parameters())
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     return (
-        f"(a) train step  {name:5s} batch {images.shape[0]:2d} 96x96: {sec:8.3f} s/step "
+        f"(a) train step  {name:5s} batch {images.shape[0]:2d} 96x96{', one noise field' if shared else ''}: "
+        f"{sec:8.3f} s/step "
         f"({images.shape[0] / sec:7.1f} img/s), peak {peak:8.0f} MiB ({kind}); "
         f"denoiser+MLP {n_unet:,} params, encoder {n_enc:,}"
     )
 
 
-def recon_job(name: str, device: str, amp: bool, warmup: int, repeats: int, threads: int) -> str:
+def recon_job(name: str, network: dict, timesteps: list[int], device: str, amp: bool, warmup: int, repeats: int,
+              threads: int) -> str:
     torch.set_num_threads(threads)
     dev = torch.device(device)
     base = _maxrss_mib()
     torch.manual_seed(0)
-    model = ConditionalDDPM(**CONFIGS[name]).to(dev).eval()
-    inferer = ReconstructionInferer(ddpm_scheduler(), timesteps=(250, 500, 750), noise_type="simplex")
+    model = ConditionalDDPM(**network).to(dev).eval()
+    inferer = ReconstructionInferer(ddpm_scheduler(), timesteps=timesteps, noise_type="simplex")
     volume = torch.rand(50, 1, 96, 96, device=dev) * 2 - 1  # 50 axial slices as one batch
 
     def run():
@@ -122,7 +131,8 @@ def recon_job(name: str, device: str, amp: bool, warmup: int, repeats: int, thre
     sec = _timed(run, dev, warmup, repeats)
     peak, kind = _peak(dev, base)
     return (
-        f"(c) reconstruction {name:5s} 96x96x50 volume, 3 timesteps: {sec:8.3f} s/volume, "
+        f"(c) reconstruction {name:5s} 96x96x50 volume, t = {', '.join(map(str, timesteps))}: "
+        f"{sec:8.3f} s/volume, "
         f"peak {peak:8.0f} MiB ({kind})"
     )
 
@@ -134,12 +144,12 @@ def noise_job(device: str, warmup: int, repeats: int, threads: int) -> str:
     return f"(b) simplex noise 32 x 96x96 (6 octaves): {ms:8.1f} ms"
 
 
-def flops_job(device: str, threads: int) -> str:
+def flops_job(network: dict, device: str, threads: int) -> str:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    model = ConditionalDDPM(**CONFIGS["paper"]).to(dev)
+    model = ConditionalDDPM(**network).to(dev)
     x = torch.randn(1, 1, 96, 96, device=dev)
     t = torch.tensor([500], device=dev)
     cond = torch.randn(1, 128, device=dev)
@@ -152,6 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--configs", nargs="+", default=["paper", "demo"], choices=sorted(CONFIGS))
+    ap.add_argument("--paper_batch", type=int, default=8, help="slices per training step of the paper network "
+                    "(its config trains 32; 8 keeps a CPU measurement to minutes)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
@@ -165,15 +177,19 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     timing = (args.warmup, args.repeats, args.threads)
+    settings = {cfg: setting(cfg) for cfg in {*args.configs, "paper"}}
+    settings["paper"]["batch"] = args.paper_batch
     jobs = []
     if "train" in args.parts:
-        jobs += [(train_step_job, cfg, args.device, amp, *timing) for cfg in args.configs]
+        jobs += [(train_step_job, cfg, settings[cfg]["network"], settings[cfg]["batch"], settings[cfg]["shared"],
+                  args.device, amp, *timing) for cfg in args.configs]
     if "noise" in args.parts:
         jobs.append((noise_job, args.device, *timing))
     if "recon" in args.parts:
-        jobs += [(recon_job, cfg, args.device, amp, *timing) for cfg in args.configs]
+        jobs += [(recon_job, cfg, settings[cfg]["network"], settings[cfg]["timesteps"], args.device, amp, *timing)
+                 for cfg in args.configs]
     if "flops" in args.parts:
-        jobs.append((flops_job, args.device, args.threads))
+        jobs.append((flops_job, settings["paper"]["network"], args.device, args.threads))
     for fn, *fn_args in jobs:
         with ctx.Pool(1) as pool:  # a fresh process per measurement
             print(pool.apply(fn, fn_args), flush=True)

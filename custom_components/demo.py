@@ -56,24 +56,17 @@ PROFILES: dict[str, dict] = {
 
 def network_settings(size: str) -> dict:
     """The networks a demo profile trains, read from the bundle configs it runs (plus the profile's overrides)."""
-    import yaml
-
-    def ids(bundle: str, configs: list[str]) -> dict:
-        merged: dict = {}
-        for name in configs:
-            merged.update(yaml.safe_load((REPO / "bundles" / bundle / "configs" / name).read_text()) or {})
-        return merged
-
-    encoder = {**ids("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"]), **PROFILES[size]["encoder"]}
-    ddpm = {**ids("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml"]), **PROFILES[size]["network"]}
-    paper = ids("cond_ddpm", ["common.yaml", "train.yaml"])
+    demo = ["common.yaml", "train.yaml", "demo.yaml"]
+    encoder = bundle_config("contrastive_encoder", demo, **PROFILES[size]["encoder"])
+    ddpm = bundle_config("cond_ddpm", demo, **PROFILES[size]["network"])
+    paper = bundle_config("cond_ddpm", demo[:2])
     return {
-        "contrastive_encoder": f"ResNet-{encoder.get('depth')}",
-        "conditioning_encoder": f"ResNet-{ddpm.get('encoder_depth')}",
-        "unet": {k: ddpm.get(k) for k in ("channels", "num_res_blocks", "cond_dim", "pixel_unshuffle")},
+        "contrastive_encoder": f"ResNet-{encoder['depth']}",
+        "conditioning_encoder": f"ResNet-{ddpm['encoder_depth']}",
+        "unet": {k: ddpm[k] for k in ("channels", "num_res_blocks", "cond_dim", "pixel_unshuffle")},
         "note": "the demo profiles use lighter networks than the paper configs (train.yaml: "
-                f"ResNet-{paper.get('encoder_depth')} encoders, U-Net channels {paper.get('channels')}, "
-                f"{paper.get('num_res_blocks')} res blocks, no pixel unshuffle)",
+                f"ResNet-{paper['encoder_depth']} encoders, U-Net channels {paper['channels']}, "
+                f"{paper['num_res_blocks']} res blocks, no pixel unshuffle)",
     }
 
 
