@@ -16,7 +16,7 @@ Printed per encoder, mean (std) over slices:
 Encoders: the trained backbone(s) given with ``--ckpt`` (the contrastive encoder's ``models/model.pt``) and a
 randomly initialised backbone of the same depth (fixed seed).
 
-    python benchmarks/encoder_invariance.py --ckpt bundles/contrastive_encoder/models/model.pt --depth 18 \\
+    python benchmarks/encoder_invariance.py --ckpt bundles/contrastive_encoder/models/model.pt --depth 10 \\
         --data_root DEMO_DATA_DIR [--split IXI_test] [--cache_dir DIR] [--input_range unit|diffusion]
 """
 
@@ -161,7 +161,8 @@ def save_preview(path: Path, healthy: torch.Tensor, lesioned: dict[str, torch.Te
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", nargs="*", default=[], help="backbone state dict(s) (the encoder's models/model.pt)")
-    parser.add_argument("--depth", type=int, default=50, help="ResNet depth of the checkpoint(s): 18, 34 or 50")
+    parser.add_argument("--depth", type=int, default=50,
+                        help="ResNet depth of the checkpoint(s): 10 (the demo), 18, 34 or 50")
     parser.add_argument("--data_root", required=True, help="data root (e.g. the demo data) with splits/ and Train/")
     parser.add_argument("--split", default="IXI_test", help="healthy split to draw slices from")
     parser.add_argument("--cache_dir", default=None, help="preprocessed-volume cache (default: DATA_ROOT/../cache)")

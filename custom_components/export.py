@@ -56,8 +56,8 @@ work as they are. From this folder:
     python -m monai.bundle ckpt_export --net_id network_def --filepath models/model.ts \\
         --ckpt_file models/model.pt --meta_file configs/metadata.json --config_file configs/inference.yaml
 
-`network_data_format` declares ResNet-50's 2048 output channels; for the demo network (ResNet-18) add
-`--depth 18 --_meta_#network_data_format#outputs#pred#num_channels 512` to both.
+`network_data_format` declares ResNet-50's 2048 output channels; for the demo network (ResNet-10) add
+`--depth 10 --_meta_#network_data_format#outputs#pred#num_channels 512` to both.
 """
 _DENOISER_CHECKS = """`network_def` (ConditionalDDPM) cannot be scripted (MONAI's DiffusionModelUNet attention block and the
 FiLM residual block reshape with a starred size list), and its forward takes `(x, timesteps, context)`
