@@ -82,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--slices_per_volume", type=int, default=16)
-    parser.add_argument("--timesteps", default="250,500,750")
+    parser.add_argument("--timesteps", default=None, help="comma-separated t's (default: the configs' recon_timesteps)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for both conditions)")
     args = parser.parse_args(argv)
 
-    network = load_network(args.ckpt, network_ids(args.configs.split(",")))
+    configs = args.configs.split(",")
+    network = load_network(args.ckpt, network_ids(configs))
     if network.encoder is None:
         raise SystemExit(f"{args.ckpt} is an unconditioned DDPM: it has no condition to swap.")
     images, masks = brain_slices(args.maps_dir, args.split, args.slices_per_volume)
-    timesteps = [int(t) for t in args.timesteps.split(",")]
+    timesteps = ([int(t) for t in args.timesteps.split(",")] if args.timesteps
+                 else list(config_values(configs, ("recon_timesteps",))["recon_timesteps"]))
     scheduler = ddpm_scheduler()
     sums = {key: np.zeros(len(timesteps) + 1) for key in ("own", "swapped", "change")}
     brain_voxels = 0.0
