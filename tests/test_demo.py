@@ -244,7 +244,8 @@ class ScoringRunner(FakeRunner):
             if path.name == "metrics.json" and path.parent.parent.name == "eval":
                 dice = model if path.parent.name == "model" else baseline
                 path.write_text(json.dumps({"Brats21": {"test_split": "Brats21_test", "n_test_volumes": 2,
-                                                        "metrics": {"dice": {"mean": dice}, "auprc": 0.1}}}))
+                                                        "metrics": {"dice": {"mean": dice}, "best_dice": dice + 0.1,
+                                                                    "auprc": 0.1}}}))
             elif path.name == "metrics.json":
                 path.write_text(json.dumps({"reference": {"mAP@30": nova if path.parent.name == "nova" else 1.0}}))
 
@@ -258,6 +259,7 @@ def test_several_seeds_give_mean_and_std_of_each_seeds_numbers(tmp_path):
     assert dice["per_seed"] == {"0": 0.5, "1": 0.3}
     assert dice["mean"] == pytest.approx(0.4) and dice["std"] == pytest.approx(0.1)  # population std
     assert metrics["Brats21 dice (baseline)"]["mean"] == pytest.approx(0.225)
+    assert metrics["Brats21 best_dice (model)"]["mean"] == pytest.approx(0.5)  # beside the val-threshold Dice
     assert metrics["NOVA mAP@30 (reference)"]["std"] == pytest.approx(0.25)
     assert metrics["NOVA mAP@30 (project)"]["std"] == 0.0
     report = (tmp_path / "w" / "report.md").read_text()
