@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_components.demo import (  # noqa: E402
     PROFILES,
+    TRAIN_CONFIGS,
     DemoError,
     Stage,
     _clear,
@@ -97,7 +98,7 @@ def plan(workdir: Path, size: str, seed: int, budget: dict, encoder_epochs: int 
     encoder = workdir / "encoder" / "model.pt"
     if any(VARIANTS[v]["pretrained_encoder"] for v in variants):
         enc = {**profile["encoder"], **({"epochs": encoder_epochs} if encoder_epochs else {})}
-        jobs.append(Job(Stage("encoder", bundle_command("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"], {
+        jobs.append(Job(Stage("encoder", bundle_command("contrastive_encoder", TRAIN_CONFIGS["demo"], {
             **common, "output_dir": workdir / "encoder", **enc}),
             outputs=[encoder], folder=workdir / "encoder", description="contrastive encoder pretraining"),
             depends=data_deps))
@@ -113,7 +114,7 @@ def plan(workdir: Path, size: str, seed: int, budget: dict, encoder_epochs: int 
             train_ids["encoder_ckpt"] = encoder
         maps, eval_dir, nova = v / "eval" / "maps", v / "eval" / "model", v / "nova"
         jobs += [
-            Job(Stage(f"{variant}_train", bundle_command("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml"], train_ids),
+            Job(Stage(f"{variant}_train", bundle_command("cond_ddpm", TRAIN_CONFIGS["demo"], train_ids),
                       outputs=[ckpt], folder=v / "cond_ddpm",
                       description=f"cond_ddpm training: {DESCRIPTIONS[variant]}"),
                 depends=data_deps + (["encoder"] if spec["pretrained_encoder"] else [])),

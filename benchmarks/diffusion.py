@@ -32,16 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.condition_use import NETWORK_IDS, config_values  # noqa: E402
+from custom_components.demo import TRAIN_CONFIGS  # noqa: E402
 from custom_components.inferers import ReconstructionInferer, ddpm_scheduler  # noqa: E402
 from custom_components.networks.diffusion_unet import ConditionalDDPM  # noqa: E402
 from custom_components.noise import make_noise, simplex_noise  # noqa: E402
 
-CONFIGS = {"paper": ["common.yaml", "train.yaml"], "demo": ["common.yaml", "train.yaml", "demo.yaml"]}
 
 
 def setting(name: str) -> dict:
     """cond_ddpm's ``name`` configs: network ids, training batch and noise sharing, evaluation noise levels."""
-    values = config_values(CONFIGS[name], (*NETWORK_IDS, "batch_size", "shared_noise_train", "recon_timesteps"))
+    values = config_values(TRAIN_CONFIGS[name], (*NETWORK_IDS, "batch_size", "shared_noise_train", "recon_timesteps"))
     return {"network": {k: values[k] for k in NETWORK_IDS}, "batch": int(values["batch_size"]),
             "shared": bool(values["shared_noise_train"]), "timesteps": list(values["recon_timesteps"])}
 
@@ -161,7 +161,7 @@ def flops_job(network: dict, device: str, threads: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", nargs="+", default=["paper", "demo"], choices=sorted(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=["paper", "demo"], choices=sorted(TRAIN_CONFIGS))
     ap.add_argument("--paper_batch", type=int, default=8, help="slices per training step of the paper network "
                     "(its config trains 32; 8 keeps a CPU measurement to minutes)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")

@@ -24,18 +24,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CONFIGS = {"paper": ["common.yaml", "train.yaml"], "demo": ["common.yaml", "train.yaml", "demo.yaml"]}
+from custom_components.demo import TRAIN_CONFIGS  # noqa: E402
 
 
-def parse_setting(item: str) -> tuple[str, list[str], dict]:
+def parse_setting(item: str) -> tuple[str, tuple[str, ...], dict]:
     """``paper``, ``demo`` or ``DEPTH:BATCH`` -> (label, configs, id overrides)."""
-    if item in CONFIGS:
-        return item, CONFIGS[item], {}
+    if item in TRAIN_CONFIGS:
+        return item, TRAIN_CONFIGS[item], {}
     try:
         depth, batch = (int(v) for v in item.split(":"))
     except ValueError:
-        raise SystemExit(f"--settings: {item!r} is neither {' nor '.join(CONFIGS)} nor DEPTH:BATCH") from None
-    return "custom", CONFIGS["paper"], {"depth": depth, "batch_size": batch}
+        raise SystemExit(f"--settings: {item!r} is neither {' nor '.join(TRAIN_CONFIGS)} nor DEPTH:BATCH") from None
+    return "custom", TRAIN_CONFIGS["paper"], {"depth": depth, "batch_size": batch}
 
 
 def _rss_mib() -> float:
@@ -43,7 +43,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _run_setting(configs: list[str], overrides: dict, size: int, device: str, steps: int, warmup: int, amp: bool,
+def _run_setting(configs: tuple[str, ...], overrides: dict, size: int, device: str, steps: int, warmup: int, amp: bool,
                  threads: int):
     import torch
 

@@ -27,11 +27,8 @@ from custom_components.evaluation import MANIFEST  # noqa: E402
 
 def perfect_map_dice(seg: np.ndarray, mask: np.ndarray, median_size: int) -> float:
     """Dice of ``seg`` against itself after the protocol's post-processing; NaN without lesion."""
-    truth = seg > 0
-    if not truth.any():
-        return float("nan")
-    pred = M.segment(M.postprocess_residual(truth.astype(np.float32), mask, median_size), 0.5)
-    return 2.0 * np.count_nonzero(pred & truth) / (np.count_nonzero(pred) + np.count_nonzero(truth))
+    residual = M.postprocess_residual((seg > 0).astype(np.float32), mask, median_size)
+    return M.threshold_metrics(residual, seg, mask, 0.5, region="volume", hausdorff=False)["dice"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,12 +54,15 @@ PROFILES: dict[str, dict] = {
 }
 
 
+# the config files training runs with in the paper setting and in the demo profile (demo.yaml merged on top)
+TRAIN_CONFIGS = {"paper": ("common.yaml", "train.yaml"), "demo": ("common.yaml", "train.yaml", "demo.yaml")}
+
+
 def network_settings(size: str) -> dict:
     """The networks a demo profile trains, read from the bundle configs it runs (plus the profile's overrides)."""
-    demo = ["common.yaml", "train.yaml", "demo.yaml"]
-    encoder = bundle_config("contrastive_encoder", demo, **PROFILES[size]["encoder"])
-    ddpm = bundle_config("cond_ddpm", demo, **PROFILES[size]["network"])
-    paper = bundle_config("cond_ddpm", demo[:2])
+    encoder = bundle_config("contrastive_encoder", TRAIN_CONFIGS["demo"], **PROFILES[size]["encoder"])
+    ddpm = bundle_config("cond_ddpm", TRAIN_CONFIGS["demo"], **PROFILES[size]["network"])
+    paper = bundle_config("cond_ddpm", TRAIN_CONFIGS["paper"])
     return {
         "contrastive_encoder": f"ResNet-{encoder['depth']}",
         "conditioning_encoder": f"ResNet-{ddpm['encoder_depth']}",
@@ -73,6 +76,8 @@ def network_settings(size: str) -> dict:
 # metrics shown side by side in summary.json and report.md (means over the test volumes)
 MAIN_METRICS = ("dice", "best_dice", "auprc", "auroc", "slice_auroc", "slice_auprc", "precision", "recall",
                 "specificity", "fpr", "hausdorff", "l1")
+BEST_DICE_NOTE = ("best_dice: each test volume at its own Dice-optimal threshold, what the maps allow whatever "
+                  "threshold is chosen.")
 NOVA_METRICS = ("mAP@30", "mAP@50", "mAP@50:95", "ACC@50", "TP@30", "FP@30", "GT@30")
 
 
@@ -171,11 +176,11 @@ def plan(workdir, size: str = "default", seed: int = 0, tracking_uri: str | None
                        f"--seed={seed}", *data_args],
               outputs=[data / "demo_data.json"], folder=data,
               description="synthetic IXI / BraTS21 / MSLUB volumes and NOVA images in the real layout"),
-        Stage("encoder", bundle_command("contrastive_encoder", ["common.yaml", "train.yaml", "demo.yaml"], {
+        Stage("encoder", bundle_command("contrastive_encoder", TRAIN_CONFIGS["demo"], {
                   **common, "output_dir": w / "encoder", **profile["encoder"], **tracking("encoder")}),
               outputs=[w / "encoder" / "model.pt"], folder=w / "encoder",
               description="target-invariant contrastive encoder pretraining on healthy IXI slices", resumable=True),
-        Stage("cond_ddpm", bundle_command("cond_ddpm", ["common.yaml", "train.yaml", "demo.yaml"], {
+        Stage("cond_ddpm", bundle_command("cond_ddpm", TRAIN_CONFIGS["demo"], {
                   **common, "output_dir": w / "cond_ddpm", "encoder_ckpt": w / "encoder" / "model.pt",
                   **profile["network"], **profile["cond_ddpm"], **tracking("cond_ddpm")}),
               outputs=[ddpm], folder=w / "cond_ddpm",
@@ -458,8 +463,8 @@ def run_seeds(workdir, seeds, force: bool = False, size: str = "default", verbos
     write_json_atomic(workdir / "seeds.json", {"size": size, "seeds": seeds, "metrics": table})
     lines = [f"# Demo over seeds {', '.join(map(str, seeds))} ({size} size)", "",
              "Each seed generates its own data and trains its own networks; means and population standard "
-             "deviations over the seeds. Dice at the threshold found on each data set's val split; best_dice: each "
-             "test volume at its own Dice-optimal threshold, what the maps allow whatever the val split.", "",
+             "deviations over the seeds. Dice at the threshold found on each data set's val split; "
+             + BEST_DICE_NOTE, "",
              "| | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
     for column, stats in table.items():
         digits = 0 if "seconds" in column else 4 if "l1" in column else 3
@@ -732,8 +737,7 @@ def write_report(workdir: Path, stages: list[Stage], state: dict, tracker: Track
              f"MONAI {summary['versions']['monai']}).", "",
              "## Anomaly segmentation: model vs intensity baseline", "",
              "Means over the test volumes; the Dice threshold is chosen on each data set's val split "
-             "(the intensity baseline scores the image intensity itself as the anomaly map); best_dice takes each test "
-             "volume at its own Dice-optimal threshold: what the maps allow, whatever threshold is chosen.", "",
+             "(the intensity baseline scores the image intensity itself as the anomaly map); " + BEST_DICE_NOTE, "",
              "| data set | test split | metric | model | intensity baseline |", "|---|---|---|---|---|"]
     for dataset, entry in results["datasets"].items():
         if dataset == "IXI":
